@@ -1,0 +1,1 @@
+"""Benchmarks: workloads, random-weight models of real shapes, baselines."""

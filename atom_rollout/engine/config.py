@@ -1,0 +1,70 @@
+"""EngineConfig: every engine option in one validated dataclass."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    model_dir: str
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    device: str = "auto"  # auto: cuda when available
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    num_kv_blocks: int | None = None  # default: sized from memory
+    kv_cache_memory_gb: float = 2.0  # CPU KV budget when num_kv_blocks is unset
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    kernel_backend: str | None = None  # aiter | triton | torch; default picks the best
+    seed: int | None = None  # seeds the noise keys of unseeded requests
+    score_chunk_tokens: int = 1024  # logits rows materialised at once by score()
+    show_progress: bool = True
+
+    @classmethod
+    def from_options(cls, model_dir: str, **options) -> "EngineConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown engine option; known: {sorted(known)}")
+        config = cls(model_dir=model_dir, **options)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "score_chunk_tokens")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("max_model_len", "num_kv_blocks"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}: must be a positive integer or None, got {value!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization: must be in (0, 1], "
+                             f"got {self.gpu_memory_utilization!r}")
+        self.torch_device()
+        self.torch_dtype()
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            return torch.device(self.device)
+        except RuntimeError as e:
+            raise ValueError(f"device: {e}") from None
+
+    def torch_dtype(self) -> torch.dtype:
+        if isinstance(self.dtype, torch.dtype):
+            return self.dtype
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of auto, {', '.join(_DTYPES)}")
+        return _DTYPES[self.dtype]

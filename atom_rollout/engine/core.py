@@ -1,0 +1,153 @@
+"""EngineCore: the intake -> schedule -> execute -> postprocess loop."""
+from __future__ import annotations
+
+import itertools
+import random
+
+import torch
+from transformers import AutoConfig, GenerationConfig
+
+from ..kernels import select_backend
+from ..models import WeightMap, build_model, load_checkpoint
+from ..sampler import SamplingParams
+from ..sampler.noise import sample_key
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .kv_cache import allocate_kv_cache, num_kv_blocks
+from .model_runner import ModelRunner, StepResult
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device, self.dtype = config.torch_device(), config.torch_dtype()
+        self.hf_config = AutoConfig.from_pretrained(config.model_dir)
+        self.model = build_model(self.hf_config)
+        self.max_model_len = _max_model_len(self.hf_config, config.max_model_len)
+        self.model.to(device=self.device, dtype=self.dtype)
+        self.weight_map = WeightMap(self.model)
+        load_checkpoint(self.weight_map, config.model_dir)
+        self.model.init_rotary(self.max_model_len, self.device)
+        self.ops = select_backend(self.device, config.kernel_backend)
+        spec = self.model.spec
+        num_blocks = num_kv_blocks(config, spec, self.max_model_len, self.device, self.dtype)
+        self.kv_cache, kv_views = allocate_kv_cache(spec, num_blocks, config.block_size,
+                                                    self.device, self.dtype)
+        self.block_manager = BlockManager(num_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens)
+        self.eos_token_ids = _eos_token_ids(self.hf_config, config.model_dir)
+        self.runner = ModelRunner(self.model, self.ops, kv_views, config.block_size, self.device,
+                                  self.eos_token_ids, config.score_chunk_tokens)
+        self.weight_version = 0
+        self._seq_ids = itertools.count()
+        self._rng = random.Random(config.seed)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.spec.vocab_size
+
+    def add_request(self, request_id: str, prompt_ids: list[int],
+                    params: SamplingParams) -> list[Sequence]:
+        max_num_tokens = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
+        seqs = [Sequence(next(self._seq_ids), request_id, j, list(prompt_ids), len(prompt_ids),
+                         params, max_num_tokens, self._noise_key(params, j))
+                for j in range(params.n)]
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return seqs
+
+    def add_score(self, request_id: str, prompt_ids: list[int], response_ids: list[int],
+                  temperature: float) -> Sequence:
+        tokens = list(prompt_ids) + list(response_ids)
+        seq = Sequence(next(self._seq_ids), request_id, 0, tokens, len(prompt_ids),
+                       SamplingParams(max_tokens=1), len(tokens), 0, is_score=True,
+                       score_temperature=temperature)
+        self.scheduler.add(seq)
+        return seq
+
+    def _noise_key(self, params: SamplingParams, sample_index: int) -> int:
+        if params.seed is None:
+            return self._rng.getrandbits(64)
+        return sample_key(params.seed, sample_index)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[Sequence]:
+        """One schedule + forward + sample; returns the sequences that finished."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            raise RuntimeError("scheduler made no progress: the KV cache cannot hold the "
+                               "next waiting sequence (this is a bug, please report it)")
+        result = self.runner.run(batch)
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += num_new
+        finished = [seq for seq in batch.seqs if seq.is_score
+                    and seq.num_computed_tokens == seq.num_tokens]
+        for seq in finished:
+            self.scheduler.finish(seq, "stop")
+        return finished + self._postprocess(result)
+
+    def _postprocess(self, result: StepResult) -> list[Sequence]:
+        finished = []
+        for row, seq in enumerate(result.sampled_seqs):
+            token = result.token_ids[row]
+            seq.append_token(token, result.logprobs[row], self.weight_version)
+            seq.raw_logprobs.append(result.raw_logprobs[row])
+            if result.top is not None:
+                seq.top_logprobs.append(result.top[row])
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if seq.num_output_tokens > params.min_tokens:
+            if token in params.stop_token_ids:
+                return "stop"
+            if not params.ignore_eos and token in self.eos_token_ids:
+                return "stop"
+        if seq.num_tokens >= seq.max_num_tokens:
+            return "length"
+        return None
+
+    def abort(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+
+    def stats(self) -> dict:
+        blocks = self.block_manager
+        return {"weight_version": self.weight_version,
+                "num_kv_blocks": len(blocks.blocks), "free_kv_blocks": blocks.num_free_blocks,
+                "prefix_cache_hit_tokens": blocks.hit_tokens,
+                "prefix_cache_queried_tokens": blocks.queried_tokens,
+                "num_preemptions": self.scheduler.num_preemptions,
+                "kernel_backend": self.ops.name}
+
+
+def _max_model_len(hf_config, requested: int | None) -> int:
+    limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+    window = getattr(hf_config, "sliding_window", None)
+    if window and getattr(hf_config, "use_sliding_window", True):
+        limit = min(limit, window)  # beyond the window our full attention would differ
+    if requested is not None and requested > limit:
+        raise ValueError(f"max_model_len: {requested} exceeds the model's limit {limit}")
+    return requested or limit
+
+
+def _eos_token_ids(hf_config, model_dir: str) -> frozenset[int]:
+    ids = getattr(hf_config, "eos_token_id", None)
+    try:
+        ids = GenerationConfig.from_pretrained(model_dir).eos_token_id or ids
+    except OSError:
+        pass
+    if ids is None:
+        return frozenset()
+    return frozenset([ids] if isinstance(ids, int) else ids)

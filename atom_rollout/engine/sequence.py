@@ -1,0 +1,71 @@
+"""Sequence: one sample's tokens, KV blocks and outputs as it moves through the engine."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from ..sampler import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request of n samples fans out into n sequences; a ``score`` request
+    is a sequence that only needs the logprobs of its given response tokens."""
+
+    seq_id: int
+    request_id: str
+    sample_index: int
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    max_num_tokens: int  # prompt + max_tokens, capped at max_model_len
+    noise_key: int
+    is_score: bool = False
+    score_temperature: float = 1.0
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    block_table: list[int] = field(default_factory=list)
+    cacheable: bool = True  # False once its KV mixes weight versions
+    finish_reason: str | None = None
+    logprobs: list[float] = field(default_factory=list)
+    raw_logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    score_pieces: list = field(default_factory=list)  # score mode: logprob chunks
+    version_spans: list[list[int]] = field(default_factory=list)  # [version, start, end)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def first_logit_position(self) -> int:
+        """Positions from here on must be computed this time (not served from cache)."""
+        return self.num_prompt_tokens - 1 if self.is_score else self.num_tokens - 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int, logprob: float, weight_version: int) -> None:
+        position = self.num_output_tokens
+        self.token_ids.append(token_id)
+        self.logprobs.append(logprob)
+        if self.version_spans and self.version_spans[-1][0] == weight_version:
+            self.version_spans[-1][2] = position + 1
+        else:
+            self.version_spans.append([weight_version, position, position + 1])

@@ -1,0 +1,10 @@
+"""Kernel ops behind one interface, with backends chosen at start-up."""
+from .interface import KernelOps
+from .metadata import AttentionMetadata
+from .registry import Backend, available_backends, register_backend, select_backend
+from .torch_ops import TorchOps
+
+register_backend(Backend("torch", lambda device: True, TorchOps))
+
+__all__ = ["AttentionMetadata", "Backend", "KernelOps", "TorchOps", "available_backends",
+           "register_backend", "select_backend"]

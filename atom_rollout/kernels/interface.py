@@ -1,0 +1,35 @@
+"""The op interface that models call; every backend implements all of it."""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from .metadata import AttentionMetadata
+
+
+class KernelOps(Protocol):
+    name: str
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Store key/value [T, kv_heads, head_dim] at flat slots of caches shaped
+        [num_blocks, block_size, kv_heads, head_dim]."""
+
+    def attention(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Causal attention of query [T, heads, head_dim] over the paged cache
+        (GQA: heads is a multiple of kv_heads). Returns [T, heads, head_dim]."""
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None):
+        """RMSNorm of x, or of x + residual when given: then returns
+        (normed, x + residual) so the sum can be the next residual."""
+
+    def rotary(self, query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor,
+               cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Neox-style rotary on query [T, h, d] and key [T, kvh, d]; cos_sin is
+        [max_positions, d] holding cos in the first d/2 and sin in the last d/2."""
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(x[..., :d]) * x[..., d:] for x [..., 2d]."""

@@ -1,0 +1,149 @@
+"""HF tensor names -> our (possibly fused) parameters, for loading and updates.
+
+One mapping serves both: ``WeightMap.plan`` validates a whole set of named
+tensors before anything is written, ``apply`` then copies the plan in.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.",
+                    "module.")
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def canonical_name(name: str) -> str:
+    """Strip the wrappers trainers add (DDP, FSDP, torch.compile, checkpointing)."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one HF tensor lives: rows [offset, offset + rows) of ``param``."""
+
+    param: nn.Parameter
+    offset: int
+    rows: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.rows, *self.param.shape[1:])
+
+    def view(self) -> torch.Tensor:
+        return self.param.data.narrow(0, self.offset, self.rows)
+
+
+class WeightMap:
+    def __init__(self, model: nn.Module):
+        self.targets: dict[str, Target] = {}
+        primary_of: dict[int, str] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if primary_of.setdefault(id(param), name) == name:
+                self._add(name, param)
+        self.aliases = dict(_aliases(model, primary_of))  # tied names -> their primary
+        self.required = frozenset(self.targets)
+
+    def _add(self, name: str, param: nn.Parameter) -> None:
+        shards = getattr(param, "shards", None)
+        if shards is None:
+            self.targets[name] = Target(param, 0, param.shape[0])
+            return
+        fused = name.split(".")[-2]
+        for shard, (offset, rows) in shards.items():
+            self.targets[name.replace(fused, shard)] = Target(param, offset, rows)
+
+    def resolve(self, name: str) -> str | None:
+        name = canonical_name(name)
+        name = self.aliases.get(name, name)
+        return name if name in self.targets else None
+
+    def plan(self, named_tensors: Iterable[tuple[str, torch.Tensor]], partial: bool = True,
+             check_finite: bool = True) -> list[tuple[Target, torch.Tensor]]:
+        """Validate every tensor (name, shape, finiteness, completeness) first;
+        raise one ValueError listing all problems, having written nothing."""
+        plan, seen = [], set()
+        unknown, bad_shape, non_finite = [], [], []
+        for raw_name, tensor in named_tensors:
+            if raw_name.endswith(IGNORED_SUFFIXES):
+                continue
+            name = self.resolve(raw_name)
+            if name is None:
+                unknown.append(raw_name)
+                continue
+            target = self.targets[name]
+            if tuple(tensor.shape) != target.shape:
+                bad_shape.append(f"{raw_name}: got {tuple(tensor.shape)}, expected {target.shape}")
+                continue
+            if check_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                non_finite.append(raw_name)
+                continue
+            seen.add(name)
+            plan.append((target, tensor))
+        missing = [] if partial else sorted(self.required - seen)
+        _raise_if_any(unknown=unknown, wrong_shape=bad_shape, non_finite=non_finite,
+                      missing=missing)
+        return plan
+
+    @staticmethod
+    def apply(plan: list[tuple[Target, torch.Tensor]]) -> None:
+        with torch.no_grad():
+            for target, tensor in plan:
+                target.view().copy_(tensor)
+
+
+def _aliases(model: nn.Module, primary_of: dict[int, str]) -> Iterator[tuple[str, str]]:
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if primary_of[id(param)] != name:
+            yield name, primary_of[id(param)]
+
+
+def _raise_if_any(**problems: list[str]) -> None:
+    found = {kind: names for kind, names in problems.items() if names}
+    if not found:
+        return
+    parts = []
+    for kind, names in found.items():
+        shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+        parts.append(f"{kind} tensors: {shown}")
+    raise ValueError("named_tensors: " + "; ".join(parts))
+
+
+def checkpoint_files(model_dir: str) -> list[str]:
+    """The safetensors files of a checkpoint: from its index when sharded."""
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(model_dir, n) for n in names]
+    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    if not files:
+        raise ValueError(f"model_dir: no .safetensors files in {model_dir}")
+    return [os.path.join(model_dir, f) for f in files]
+
+
+def iter_checkpoint(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in checkpoint_files(model_dir):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def load_checkpoint(weight_map: WeightMap, model_dir: str) -> None:
+    """Stream a checkpoint in tensor by tensor (no full copy held in memory)."""
+    loaded = set()
+    for name, tensor in iter_checkpoint(model_dir):
+        for target, value in weight_map.plan([(name, tensor)], check_finite=False):
+            WeightMap.apply([(target, value)])
+            loaded.add(weight_map.resolve(name))
+    missing = sorted(weight_map.required - loaded)
+    if missing:
+        raise ValueError(f"model_dir: checkpoint lacks tensors: {', '.join(missing[:20])}")

@@ -1,0 +1,39 @@
+"""Counter-based per-row uniforms: reproducible whatever shares the batch.
+
+Each sample owns a 64-bit key; its i-th draw is a pure function of (key, i), so
+a seeded sample gives the same tokens alone or inside any batch, on any device,
+and rows never share noise. The mixer stays inside int64 arithmetic without
+overflow (values < 2**32, multipliers < 2**31).
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+def sample_key(seed: int, sample_index: int) -> int:
+    """The 64-bit noise key of sample ``sample_index`` of a request seeded ``seed``."""
+    digest = hashlib.blake2b(f"{seed}:{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x297A2D39) & _MASK32
+    return x ^ (x >> 15)
+
+
+def row_uniforms(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """One float64 uniform in (0, 1) per row, from int64 keys and counters."""
+    key_lo, key_hi = keys & _MASK32, (keys >> 32) & _MASK32
+    hi = _mix32(key_lo ^ _mix32((counters & _MASK32) ^ key_hi))
+    lo = _mix32(hi ^ 0x5BD1E995)
+    bits = (hi >> 5) * (1 << 26) + (lo >> 6)  # 53 random bits
+    return (bits.double() + 0.5) / float(1 << 53)

@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from models import VARIANTS, build_checkpoint
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """variant name -> (model_dir, the transformers model holding the same weights)."""
+    built = {}
+    for variant in VARIANTS:
+        path = tmp_path_factory.mktemp(variant)
+        built[variant] = (str(path), build_checkpoint(path, variant))
+    return built
+
+
+@pytest.fixture(scope="session")
+def tiny_vocab_checkpoint(tmp_path_factory):
+    """A model over 8 tokens, for comparing sample frequencies with probabilities."""
+    path = tmp_path_factory.mktemp("tiny_vocab")
+    model = build_checkpoint(path, "qwen3", seed=3, vocab_size=8, bos_token_id=0,
+                             eos_token_id=7, pad_token_id=0)
+    return str(path), model
+
+
+@pytest.fixture(scope="session")
+def llama(checkpoints):
+    return checkpoints["llama"]
+
+
+@pytest.fixture(scope="session")
+def llama_engine(llama):
+    from atom_rollout import RolloutEngine
+    return RolloutEngine(llama[0], show_progress=False)
+
+
+def hf_logits(model, token_ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([token_ids])).logits[0].float()
