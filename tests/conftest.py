@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU interpreter; it must be chosen before triton is
+    # imported, and transformers may import triton early.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from models import VARIANTS, build_checkpoint
 
@@ -37,3 +44,11 @@ def llama_engine(llama):
 def hf_logits(model, token_ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([token_ids])).logits[0].float()
+
+
+def hf_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
+    """transformers' greedy continuation, EOS not special (like ignore_eos)."""
+    tokens = list(prompt)
+    for _ in range(num_tokens):
+        tokens.append(int(hf_logits(model, tokens)[-1].argmax()))
+    return tokens[len(prompt):]

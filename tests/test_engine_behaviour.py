@@ -124,3 +124,13 @@ def test_string_prompts_use_the_model_tokenizer(tmp_path):
     by_ids = engine.generate_batch([engine.tokenizer.encode("abc")], greedy)[0]
     assert by_text.prompt_token_ids == by_ids.prompt_token_ids
     assert by_text.samples[0].token_ids == by_ids.samples[0].token_ids
+
+
+def test_sharded_checkpoint_loads(tmp_path, llama):
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(llama[0]).save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    sharded = RolloutEngine(str(tmp_path), show_progress=False).generate_batch([[4, 5, 6]], greedy)
+    single = RolloutEngine(llama[0], show_progress=False).generate_batch([[4, 5, 6]], greedy)
+    assert sharded[0].samples[0].token_ids == single[0].samples[0].token_ids

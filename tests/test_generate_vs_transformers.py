@@ -5,7 +5,7 @@ from transformers.generation.logits_process import (MinPLogitsWarper, Temperatur
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
 from atom_rollout import RolloutEngine, SamplingParams
-from conftest import hf_logits
+from conftest import hf_greedy, hf_logits
 from models import VARIANTS
 
 PROMPTS = [[5, 9, 14, 3], [7] * 21, list(range(10, 47)), [33, 34]]
@@ -18,9 +18,7 @@ def test_greedy_matches_transformers(checkpoints, variant):
     outs = engine.generate_batch(PROMPTS, SamplingParams(temperature=0, max_tokens=24,
                                                          ignore_eos=True))
     for prompt, out in zip(PROMPTS, outs):
-        ref = model.generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24,
-                             do_sample=False, pad_token_id=0)
-        assert out.samples[0].token_ids == ref[0, len(prompt):].tolist()
+        assert out.samples[0].token_ids == hf_greedy(model, prompt, 24)
         assert out.samples[0].finish_reason == "length"
 
 

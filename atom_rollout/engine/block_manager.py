@@ -67,6 +67,7 @@ class BlockManager:
         for block_id in hits:
             self._acquire(block_id)
         seq.block_table = list(hits)
+        seq.num_registered_blocks = len(hits)
         seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
         self.hit_tokens += seq.num_cached_tokens
         self.queried_tokens += seq.num_tokens
@@ -90,6 +91,7 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free[block_id] = None
         seq.block_table = []
+        seq.num_registered_blocks = 0
 
     def reset_prefix_cache(self) -> None:
         self.cached.clear()
@@ -114,17 +116,20 @@ class BlockManager:
         return block_id
 
     def _register_full_blocks(self, seq: Sequence, num_tokens_known: int) -> None:
-        """Cache blocks this step fills; same-step readers see their KV because
+        """Cache the blocks this step fills; same-step readers see their KV because
         every layer writes the whole batch's KV before any attention reads it."""
         if not self.enable_prefix_caching or not seq.cacheable:
             return
-        parent = _ROOT
-        for index in range(num_tokens_known // self.block_size):
+        for index in range(seq.num_registered_blocks, num_tokens_known // self.block_size):
             block = self.blocks[seq.block_table[index]]
             if block.key is None:
+                parent = _ROOT
+                if index > 0:
+                    parent_block = self.blocks[seq.block_table[index - 1]]
+                    parent = (parent_block.block_id, parent_block.epoch)
                 start = index * self.block_size
                 key = (*parent, tuple(seq.token_ids[start:start + self.block_size]))
                 if key not in self.cached:
                     self.cached[key] = block.block_id
                     block.key = key
-            parent = (block.block_id, block.epoch)
+            seq.num_registered_blocks = index + 1

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoConfig, GenerationConfig
 
 from ..kernels import select_backend
-from ..models import WeightMap, build_model, load_checkpoint
+from ..models import WeightMap, build_model, iter_checkpoint, load_checkpoint
 from ..sampler import SamplingParams
 from ..sampler.noise import sample_key
 from .block_manager import BlockManager
@@ -17,6 +17,9 @@ from .kv_cache import allocate_kv_cache, num_kv_blocks
 from .model_runner import ModelRunner, StepResult
 from .scheduler import Scheduler
 from .sequence import Sequence
+
+
+INFLIGHT_POLICIES = ("recompute", "keep", "abort")
 
 
 class EngineCore:
@@ -43,6 +46,7 @@ class EngineCore:
         self.runner = ModelRunner(self.model, self.ops, kv_views, config.block_size, self.device,
                                   self.eos_token_ids, config.score_chunk_tokens)
         self.weight_version = 0
+        self._finished_elsewhere: list[Sequence] = []  # e.g. aborted by a weight update
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.seed)
 
@@ -79,6 +83,9 @@ class EngineCore:
 
     def step(self) -> list[Sequence]:
         """One schedule + forward + sample; returns the sequences that finished."""
+        finished, self._finished_elsewhere = self._finished_elsewhere, []
+        if not self.scheduler.has_work():
+            return finished
         batch = self.scheduler.schedule()
         if not batch.seqs:
             raise RuntimeError("scheduler made no progress: the KV cache cannot hold the "
@@ -86,11 +93,11 @@ class EngineCore:
         result = self.runner.run(batch)
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += num_new
-        finished = [seq for seq in batch.seqs if seq.is_score
-                    and seq.num_computed_tokens == seq.num_tokens]
-        for seq in finished:
+        scored = [seq for seq in batch.seqs if seq.is_score
+                  and seq.num_computed_tokens == seq.num_tokens]
+        for seq in scored:
             self.scheduler.finish(seq, "stop")
-        return finished + self._postprocess(result)
+        return finished + scored + self._postprocess(result)
 
     def _postprocess(self, result: StepResult) -> list[Sequence]:
         finished = []
@@ -116,6 +123,30 @@ class EngineCore:
         if seq.num_tokens >= seq.max_num_tokens:
             return "length"
         return None
+
+    def update_weights(self, named_tensors, version: int | None = None,
+                       inflight: str = "recompute", partial: bool = True,
+                       check_finite: bool = True) -> int:
+        """Validate everything, then write in place, bump the version, drop every
+        prefix-cache entry and apply the in-flight policy. Returns the version."""
+        if inflight not in INFLIGHT_POLICIES:
+            raise ValueError(f"inflight: {inflight!r} is not one of {INFLIGHT_POLICIES}")
+        if version is not None and (not isinstance(version, int) or version < 0):
+            raise ValueError(f"version: must be a non-negative integer, got {version!r}")
+        plan = self.weight_map.plan(named_tensors, partial=partial, check_finite=check_finite)
+        WeightMap.apply(plan)
+        self.weight_version = self.weight_version + 1 if version is None else version
+        self.block_manager.reset_prefix_cache()
+        self._finished_elsewhere += self.scheduler.on_weights_changed(inflight)
+        return self.weight_version
+
+    def update_weights_from_disk(self, path: str, **options) -> int:
+        """Load a safetensors checkpoint directory in place (complete by default)."""
+        options.setdefault("partial", False)
+        return self.update_weights(list(iter_checkpoint(path)), **options)
+
+    def reset_prefix_cache(self) -> None:
+        self.block_manager.reset_prefix_cache()
 
     def abort(self, seqs: list[Sequence]) -> None:
         for seq in seqs:

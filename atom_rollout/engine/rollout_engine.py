@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 from typing import Sequence as Seq
 
 import torch
@@ -26,6 +27,7 @@ class RolloutEngine:
         self.core = EngineCore(self.config)
         self._request_ids = itertools.count()
         self._tokenizer = None
+        self._lock = threading.RLock()  # steps and weight updates never interleave
 
     @property
     def weight_version(self) -> int:
@@ -77,18 +79,40 @@ class RolloutEngine:
     def stats(self) -> dict:
         return self.core.stats()
 
+    def update_weights(self, named_tensors, version: int | None = None,
+                       inflight: str = "recompute", partial: bool = True,
+                       check_finite: bool = True) -> int:
+        """Take new weights in place, between two steps; HF names as trainers hold
+        them (wrapper prefixes stripped). Everything is validated before any write.
+        inflight: "recompute" (running samples recompute their KV under the new
+        weights), "keep" (they continue on old KV), "abort" (they end now)."""
+        with self._lock:
+            return self.core.update_weights(named_tensors, version, inflight, partial,
+                                            check_finite)
+
+    def update_weights_from_disk(self, path: str, **options) -> int:
+        with self._lock:
+            return self.core.update_weights_from_disk(path, **options)
+
+    def reset_prefix_cache(self) -> None:
+        with self._lock:
+            self.core.reset_prefix_cache()
+
     def _run(self, seqs: list[Sequence], desc: str) -> None:
         bar = tqdm(total=len(seqs), desc=desc, disable=not self.config.show_progress,
                    leave=False)
         pending = {id(s) for s in seqs}
         try:
             while pending:
-                done = [id(s) for s in self.core.step() if id(s) in pending]
+                with self._lock:
+                    finished = self.core.step()
+                done = [id(s) for s in finished if id(s) in pending]
                 pending.difference_update(done)
                 bar.update(len(done))
         finally:
             bar.close()
-            self.core.abort(seqs)  # no-op on success; frees everything on error
+            with self._lock:
+                self.core.abort(seqs)  # no-op on success; frees everything on error
 
     def _validate_prompts(self, prompts, field: str = "prompts") -> list[list[int]]:
         if isinstance(prompts, (str, torch.Tensor)) or not hasattr(prompts, "__len__"):

@@ -78,6 +78,7 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.release(seq)
         seq.num_computed_tokens = 0
+        seq.cacheable = True  # recomputed KV is clean again
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -90,3 +91,18 @@ class Scheduler:
         self.blocks.release(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+    def on_weights_changed(self, inflight: str) -> list[Sequence]:
+        """Apply the in-flight policy of a weight update; returns aborted sequences."""
+        if inflight == "recompute":
+            for seq in reversed(self.running):
+                self.preempt(seq)
+        elif inflight == "keep":
+            for seq in self.running:
+                seq.cacheable = False  # its KV now mixes weight versions
+        elif inflight == "abort":
+            aborted = self.running + list(self.waiting)
+            for seq in aborted:
+                self.finish(seq, "abort")
+            return aborted
+        return []

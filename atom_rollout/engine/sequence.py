@@ -32,6 +32,7 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     block_table: list[int] = field(default_factory=list)
+    num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
     cacheable: bool = True  # False once its KV mixes weight versions
     finish_reason: str | None = None
     logprobs: list[float] = field(default_factory=list)

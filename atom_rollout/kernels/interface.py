@@ -14,12 +14,13 @@ class KernelOps(Protocol):
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Store key/value [T, kv_heads, head_dim] at flat slots of caches shaped
-        [num_blocks, block_size, kv_heads, head_dim]."""
+        [num_blocks, block_size, kv_heads, head_dim]; negative slots are skipped."""
 
     def attention(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """Causal attention of query [T, heads, head_dim] over the paged cache
-        (GQA: heads is a multiple of kv_heads). Returns [T, heads, head_dim]."""
+        (GQA: heads is a multiple of kv_heads). Returns [T, heads, head_dim].
+        meta.max_context_len must be >= every context length (an upper bound is fine)."""
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None = None):
@@ -29,7 +30,8 @@ class KernelOps(Protocol):
     def rotary(self, query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor,
                cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Neox-style rotary on query [T, h, d] and key [T, kvh, d]; cos_sin is
-        [max_positions, d] holding cos in the first d/2 and sin in the last d/2."""
+        [max_positions, d] holding cos in the first d/2 and sin in the last d/2.
+        Backends may rotate in place; callers use the returned tensors."""
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """silu(x[..., :d]) * x[..., d:] for x [..., 2d]."""

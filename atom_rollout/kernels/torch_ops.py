@@ -11,8 +11,10 @@ class TorchOps:
     name = "torch"
 
     def write_kv(self, key, value, k_cache, v_cache, slot_mapping):
-        k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = key.to(k_cache.dtype)
-        v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = value.to(v_cache.dtype)
+        keep = slot_mapping >= 0  # negative slots are padding (e.g. CUDA-graph batches)
+        slots = slot_mapping[keep]
+        k_cache.view(-1, *k_cache.shape[2:])[slots] = key[keep].to(k_cache.dtype)
+        v_cache.view(-1, *v_cache.shape[2:])[slots] = value[keep].to(v_cache.dtype)
 
     def attention(self, query, k_cache, v_cache, meta: AttentionMetadata, scale):
         keys, values, key_valid = _gather_context(k_cache, v_cache, meta)

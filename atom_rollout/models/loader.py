@@ -70,25 +70,21 @@ class WeightMap:
              check_finite: bool = True) -> list[tuple[Target, torch.Tensor]]:
         """Validate every tensor (name, shape, finiteness, completeness) first;
         raise one ValueError listing all problems, having written nothing."""
-        plan, seen = [], set()
-        unknown, bad_shape, non_finite = [], [], []
+        plan, names, unknown, bad_shape = [], [], [], []
         for raw_name, tensor in named_tensors:
             if raw_name.endswith(IGNORED_SUFFIXES):
                 continue
             name = self.resolve(raw_name)
             if name is None:
                 unknown.append(raw_name)
-                continue
-            target = self.targets[name]
-            if tuple(tensor.shape) != target.shape:
-                bad_shape.append(f"{raw_name}: got {tuple(tensor.shape)}, expected {target.shape}")
-                continue
-            if check_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                non_finite.append(raw_name)
-                continue
-            seen.add(name)
-            plan.append((target, tensor))
-        missing = [] if partial else sorted(self.required - seen)
+            elif tuple(tensor.shape) != self.targets[name].shape:
+                bad_shape.append(f"{raw_name}: got {tuple(tensor.shape)}, "
+                                 f"expected {self.targets[name].shape}")
+            else:
+                plan.append((self.targets[name], tensor))
+                names.append((raw_name, name))
+        non_finite = _non_finite(plan, [raw for raw, _ in names]) if check_finite else []
+        missing = [] if partial else sorted(self.required - {name for _, name in names})
         _raise_if_any(unknown=unknown, wrong_shape=bad_shape, non_finite=non_finite,
                       missing=missing)
         return plan
@@ -104,6 +100,19 @@ def _aliases(model: nn.Module, primary_of: dict[int, str]) -> Iterator[tuple[str
     for name, param in model.named_parameters(remove_duplicate=False):
         if primary_of[id(param)] != name:
             yield name, primary_of[id(param)]
+
+
+def _non_finite(plan: list[tuple[Target, torch.Tensor]], names: list[str]) -> list[str]:
+    """Names of tensors holding NaN/inf, with one host sync per device for all of them."""
+    flags: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for name, (_, tensor) in zip(names, plan):
+        if tensor.is_floating_point():
+            flags.setdefault(tensor.device, []).append((name, torch.isfinite(tensor).all()))
+    bad = []
+    for pairs in flags.values():
+        finite = torch.stack([flag for _, flag in pairs]).tolist()
+        bad += [name for (name, _), ok in zip(pairs, finite) if not ok]
+    return bad
 
 
 def _raise_if_any(**problems: list[str]) -> None:

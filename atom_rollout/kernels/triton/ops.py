@@ -1,0 +1,56 @@
+"""TritonOps: the KernelOps interface on Triton kernels (CUDA and ROCm)."""
+from __future__ import annotations
+
+import torch
+
+from ..metadata import AttentionMetadata
+
+INTERPRETER_TARGET_PROGRAMS = 4  # keeps split-KV exercised under TRITON_INTERPRET
+
+
+class TritonOps:
+    name = "triton"
+
+    def __init__(self) -> None:
+        # Imported here, not at module import, so that @triton.jit runs when the
+        # first TritonOps is built: TRITON_INTERPRET set by then still applies.
+        from . import attention, kv_cache, pointwise
+        self._attention = attention
+        self._kv_cache = kv_cache
+        self._pointwise = pointwise
+        self._target_programs: dict[torch.device, int] = {}
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        self._kv_cache.write_kv(key, value, k_cache, v_cache, slot_mapping)
+
+    def attention(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        config = self._attention.tile_config(
+            meta.max_query_len, _next_pow2(query.shape[1] // max(1, k_cache.shape[2])))
+        splits = self._attention.choose_num_splits(
+            meta, config, k_cache.shape[2], self._programs_to_fill(query.device))
+        return self._attention.paged_attention(query, k_cache, v_cache, meta, scale, splits)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None):
+        return self._pointwise.rms_norm(x, weight, eps, residual)
+
+    def rotary(self, query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor,
+               cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._pointwise.rotary(query, key, positions, cos_sin)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        return self._pointwise.silu_and_mul(x)
+
+    def _programs_to_fill(self, device: torch.device) -> int:
+        """About two waves of programs over the device's multiprocessors."""
+        if device not in self._target_programs:
+            self._target_programs[device] = (
+                2 * torch.cuda.get_device_properties(device).multi_processor_count
+                if device.type == "cuda" else INTERPRETER_TARGET_PROGRAMS)
+        return self._target_programs[device]
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()

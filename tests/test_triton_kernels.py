@@ -1,0 +1,275 @@
+"""TritonOps against TorchOps on random inputs. Without a GPU the kernels run
+under the Triton interpreter on CPU (TRITON_INTERPRET is set below, before the
+first TritonOps decorates its kernels); with CUDA they run on the GPU."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from atom_rollout.kernels import AttentionMetadata, TorchOps  # noqa: E402
+from atom_rollout.kernels.triton import TritonOps, is_available  # noqa: E402
+from atom_rollout.kernels.triton.attention import (  # noqa: E402
+    TileConfig, choose_num_splits, paged_attention)
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+# The CPU interpreter runs tl.dot on bfloat16 wrongly and truncates instead of
+# rounding when it casts to bfloat16, so bf16 attention is checked on GPU only.
+ATTN_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: dict(atol=2e-4, rtol=1e-3), torch.float16: dict(atol=5e-3, rtol=5e-3),
+       torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+@pytest.fixture(scope="module")
+def ref() -> TorchOps:
+    return TorchOps()
+
+
+@pytest.fixture(scope="module")
+def tri() -> TritonOps:
+    if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1")
+    return TritonOps()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _randn(*shape, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, device=DEVICE).to(dtype)
+
+
+def make_meta(query_lens: list[int], context_lens: list[int], block_size: int,
+              num_blocks: int) -> AttentionMetadata:
+    """Metadata for sequences whose blocks are a random, non-contiguous pick
+    of the pool; tables carry one extra -1 column of padding."""
+    tables_len = max(-(-c // block_size) for c in context_lens) + 1
+    pool = torch.randperm(num_blocks).tolist()
+    tables = torch.full((len(query_lens), tables_len), -1, dtype=torch.int32)
+    slots = []
+    for b, (q_len, ctx) in enumerate(zip(query_lens, context_lens)):
+        owned = [pool.pop() for _ in range(-(-ctx // block_size))]
+        tables[b, :len(owned)] = torch.tensor(owned, dtype=torch.int32)
+        slots += [owned[p // block_size] * block_size + p % block_size
+                  for p in range(ctx - q_len, ctx)]
+    starts = torch.tensor([0] + query_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE),
+        query_start_loc=starts.to(DEVICE),
+        context_lens=torch.tensor(context_lens, dtype=torch.int32, device=DEVICE),
+        block_tables=tables.to(DEVICE), max_query_len=max(query_lens),
+        max_context_len=max(context_lens))
+
+
+def attention_inputs(query_lens, context_lens, heads, kv_heads, head_dim, block_size, dtype):
+    num_blocks = sum(-(-c // block_size) for c in context_lens) + 7
+    meta = make_meta(query_lens, context_lens, block_size, num_blocks)
+    k_cache = _randn(num_blocks, block_size, kv_heads, head_dim, dtype=dtype)
+    v_cache = _randn(num_blocks, block_size, kv_heads, head_dim, dtype=dtype)
+    query = _randn(sum(query_lens), heads, head_dim, dtype=dtype)
+    return query, k_cache, v_cache, meta
+
+
+BATCHES = {
+    "decode": ([1, 1, 1, 1, 1], [1, 17, 64, 100, 33]),
+    "prefill": ([10, 37, 3], [10, 37, 3]),
+    "cached_prefix_chunk": ([20, 9], [50, 33]),
+    "mixed": ([1, 30, 1, 7, 2], [40, 30, 90, 19, 5]),
+    "long_decode": ([1, 1], [300, 257]),
+    "long_chunk": ([70, 1, 4], [150, 20, 4]),
+    "spec_decode": ([3, 2, 4], [50, 2, 130]),
+}
+# (heads, kv_heads, head_dim, block_size)
+LAYOUTS = {
+    "gqa2_d64_bs16": (4, 2, 64, 16),
+    "mqa_d32_bs4": (4, 1, 32, 4),
+    "mha_d64_bs32": (2, 2, 64, 32),
+    "gqa3_d80_bs1": (6, 2, 80, 1),
+    "gqa4_d128_bs8": (8, 2, 128, 8),
+}
+HALF_LAYOUTS = ("gqa2_d64_bs16", "gqa3_d80_bs1")
+ATTENTION_CASES = [(b, lay, dtype) for b in BATCHES for lay in LAYOUTS for dtype in ATTN_DTYPES
+                   if dtype == torch.float32 or lay in HALF_LAYOUTS]
+
+
+def check_attention(ref, out, query, k_cache, v_cache, meta):
+    scale = query.shape[-1] ** -0.5
+    expected = ref.attention(query, k_cache, v_cache, meta, scale)
+    assert out.shape == query.shape and out.dtype == query.dtype
+    torch.testing.assert_close(out.float(), expected.float(), **TOL[query.dtype])
+
+
+@pytest.mark.parametrize("batch,layout,dtype", ATTENTION_CASES, ids=str)
+def test_attention(ref, tri, batch, layout, dtype):
+    inputs = attention_inputs(*BATCHES[batch], *LAYOUTS[layout], dtype)
+    out = tri.attention(*inputs, scale=inputs[0].shape[-1] ** -0.5)
+    check_attention(ref, out, *inputs)
+
+
+@pytest.mark.parametrize("batch", ["decode", "long_decode", "mixed"])
+@pytest.mark.parametrize("num_splits", [2, 8])
+def test_attention_split_kv(ref, batch, num_splits):
+    inputs = attention_inputs(*BATCHES[batch], 4, 2, 64, 16, torch.float32)
+    out = paged_attention(*inputs, scale=64 ** -0.5, num_splits=num_splits)
+    check_attention(ref, out, *inputs)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_attention_random_batches(ref, tri, seed):
+    gen = torch.Generator().manual_seed(seed)
+    num_seqs = int(torch.randint(1, 6, (), generator=gen))
+    query_lens = torch.randint(1, 24, (num_seqs,), generator=gen).tolist()
+    cached = torch.randint(0, 80, (num_seqs,), generator=gen).tolist()
+    decode = torch.rand(num_seqs, generator=gen) < 0.5
+    query_lens = [1 if d else q for q, d in zip(query_lens, decode.tolist())]
+    context_lens = [q + c for q, c in zip(query_lens, cached)]
+    layout = list(LAYOUTS.values())[seed % len(LAYOUTS)]
+    inputs = attention_inputs(query_lens, context_lens, *layout, torch.float32)
+    check_attention(ref, tri.attention(*inputs, scale=layout[2] ** -0.5), *inputs)
+
+
+def test_attention_strided_query_written_by_write_kv(ref, tri):
+    """The engine's path: q/k/v are views of one qkv projection, new KV goes
+    through write_kv, then attention reads only the cache."""
+    heads, kv_heads, head_dim, block_size = 4, 2, 64, 16
+    query_lens, context_lens = [3, 1, 12], [20, 9, 12]
+    _, k_cache, v_cache, meta = attention_inputs(query_lens, context_lens, heads, kv_heads,
+                                                 head_dim, block_size, torch.float32)
+    qkv = _randn(sum(query_lens), (heads + 2 * kv_heads) * head_dim)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+    q, k, v = (t.view(t.shape[0], -1, head_dim) for t in (q, k, v))
+    tri.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    out = tri.attention(q, k_cache, v_cache, meta, head_dim ** -0.5)
+    check_attention(ref, out, q, k_cache, v_cache, meta)
+
+
+def test_choose_num_splits():
+    decode = TileConfig(block_q=1, block_m=16, block_n=64, num_warps=4)
+    meta = make_meta([1] * 4, [4096] * 4, 16, 1100)
+    assert choose_num_splits(meta, decode, kv_heads=8, target_programs=264) == 8
+    meta.max_context_len = 300  # splits keep at least MIN_KEYS_PER_SPLIT keys
+    assert choose_num_splits(meta, decode, kv_heads=8, target_programs=264) == 2
+    prefill = make_meta([40], [40], 16, 4)
+    assert choose_num_splits(prefill, decode, kv_heads=8, target_programs=264) == 1
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_write_kv(ref, tri, dtype, block_size):
+    kv_heads, head_dim, num_tokens = 2, 80, 9
+    meta = make_meta([num_tokens], [num_tokens + 5], block_size, 40)
+    kv = _randn(num_tokens, 2 * kv_heads, head_dim, dtype=dtype)
+    key, value = kv[:, :kv_heads], kv[:, kv_heads:]  # strided views, as from a qkv split
+    caches = [_randn(40, block_size, kv_heads, head_dim, dtype=dtype) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    ref.write_kv(key, value, *expected, meta.slot_mapping)
+    tri.write_kv(key, value, *caches, meta.slot_mapping)
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+
+
+def test_write_kv_skips_negative_slots(tri):
+    k_cache = torch.zeros(2, 4, 1, 16, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    key = torch.ones(2, 1, 16, device=DEVICE)
+    tri.write_kv(key, key, k_cache, v_cache, torch.tensor([5, -1], device=DEVICE))
+    assert k_cache.sum().item() == 16 and k_cache[1, 1].sum().item() == 16
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 64), (5, 4, 128), (2, 80)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(ref, tri, dtype, shape, with_residual):
+    x, weight = _randn(*shape, dtype=dtype), _randn(shape[-1], dtype=dtype)
+    residual = _randn(*shape, dtype=dtype) if with_residual else None
+    expected = ref.rms_norm(x, weight, 1e-6, residual)
+    got = tri.rms_norm(x, weight, 1e-6, residual)
+    if not with_residual:
+        expected, got = (expected,), (got,)
+    for e, g in zip(expected, got):
+        assert g.shape == e.shape and g.dtype == e.dtype
+        torch.testing.assert_close(g.float(), e.float(), **TOL[dtype])
+
+
+def test_rms_norm_fp32_weight_promotes(ref, tri):
+    x, weight = _randn(4, 64, dtype=torch.float16), _randn(64)
+    expected, got = ref.rms_norm(x, weight, 1e-5), tri.rms_norm(x, weight, 1e-5)
+    assert got.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(got, expected, **TOL[torch.float16])
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (3, 1, 80), (2, 2, 128)])
+def test_rotary(ref, tri, dtype, heads, kv_heads, head_dim):
+    num_tokens, max_pos = 7, 50
+    qkv = _randn(num_tokens, heads + kv_heads, head_dim, dtype=dtype)
+    cos_sin = _randn(max_pos, head_dim)
+    positions = torch.randint(0, max_pos, (num_tokens,), device=DEVICE)
+    q, k = qkv[:, :heads], qkv[:, heads:]
+    expected = ref.rotary(q, k, positions, cos_sin)
+    got = tri.rotary(q.clone(), k.clone(), positions.to(torch.int32), cos_sin)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g.float(), e.float(), **TOL[dtype])
+
+
+def test_rotary_in_place_on_views(tri):
+    qkv = _randn(5, 3, 64)
+    q, k = qkv[:, :2], qkv[:, 2:]
+    before = qkv.clone()
+    got_q, got_k = tri.rotary(q, k, torch.arange(5, device=DEVICE), _randn(8, 64))
+    assert got_q.data_ptr() == q.data_ptr() and got_k.data_ptr() == k.data_ptr()
+    assert not torch.equal(qkv, before)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(5, 192), (2, 3, 128), (3, 3000)])
+def test_silu_and_mul(ref, tri, dtype, shape):
+    x = _randn(*shape, dtype=dtype) * 3
+    expected, got = ref.silu_and_mul(x), tri.silu_and_mul(x)
+    assert got.shape == expected.shape and got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected.float(), **TOL[dtype])
+
+
+def test_empty_batches(tri):
+    x = _randn(0, 64)
+    assert tri.rms_norm(x, _randn(64), 1e-6).shape == (0, 64)
+    assert tri.silu_and_mul(x).shape == (0, 32)
+    query, k_cache, v_cache, meta = attention_inputs([1], [3], 2, 1, 16, 4, torch.float32)
+    meta.slot_mapping = meta.slot_mapping[:0]
+    meta.query_start_loc = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    meta.context_lens = meta.context_lens[:0]
+    meta.block_tables = meta.block_tables[:0]
+    assert tri.attention(query[:0], k_cache, v_cache, meta, 0.25).shape == (0, 2, 16)
+
+
+def test_is_available():
+    assert not is_available(torch.device("cpu"))
+    assert is_available(torch.device("cuda")) == HAS_CUDA
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+def test_attention_cuda_graph_replay(ref, tri):
+    """Captured once, replayed on new lengths and tables of the same shape."""
+    query, k_cache, v_cache, meta = attention_inputs([1] * 4, [700, 5, 64, 1000], 8, 2, 128,
+                                                     16, torch.bfloat16)
+    meta.max_context_len = 4096  # the graph's bound; real lengths come from device tensors
+    tri.attention(query, k_cache, v_cache, meta, 128 ** -0.5)  # compile outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = tri.attention(query, k_cache, v_cache, meta, 128 ** -0.5)
+    new_meta = make_meta([1] * 4, [30, 999, 2, 400], 16, k_cache.shape[0])
+    meta.context_lens.copy_(new_meta.context_lens)
+    meta.block_tables.fill_(-1)
+    meta.block_tables[:, :new_meta.block_tables.shape[1]].copy_(new_meta.block_tables)
+    query.copy_(_randn(*query.shape, dtype=query.dtype))
+    graph.replay()
+    new_meta.block_tables = meta.block_tables
+    check_attention(ref, out, query, k_cache, v_cache, new_meta)
