@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = {"bench": "atom_rollout.bench.__main__"}
+COMMANDS = {"bench": "atom_rollout.bench.__main__", "serve": "atom_rollout.server.__main__"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,6 +29,13 @@ def shape_config(name: str) -> transformers.Qwen3Config:
                                     architectures=["Qwen3ForCausalLM"])
 
 
+def config_dir(name: str, root: str | None = None) -> str:
+    """A directory holding only config.json: for engines with load_format="dummy"."""
+    path = os.path.join(root or tempfile.mkdtemp(prefix="atom-rollout-"), name + "-config")
+    shape_config(name).save_pretrained(path)
+    return path
+
+
 def random_model_dir(name: str, seed: int = 0, root: str | None = None) -> str:
     """Save a random-weight model of the named shape; returns its directory."""
     path = os.path.join(root or tempfile.mkdtemp(prefix="atom-rollout-"), name)

@@ -25,6 +25,9 @@ class EngineConfig:
     kernel_backend: str | None = None  # aiter | triton | torch; default picks the best
     seed: int | None = None  # seeds the noise keys of unseeded requests
     score_chunk_tokens: int = 1024  # logits rows materialised at once by score()
+    enforce_eager: bool = False  # True: no CUDA graphs
+    cuda_graph_max_batch: int = 256  # decode batches up to this size replay graphs
+    load_format: str = "auto"  # auto: the checkpoint's safetensors; dummy: random weights
     show_progress: bool = True
 
     @classmethod
@@ -38,7 +41,8 @@ class EngineConfig:
         return config
 
     def validate(self) -> None:
-        positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "score_chunk_tokens")
+        positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "score_chunk_tokens",
+                    "cuda_graph_max_batch")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
@@ -49,6 +53,8 @@ class EngineConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization: must be in (0, 1], "
                              f"got {self.gpu_memory_utilization!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format: must be 'auto' or 'dummy', got {self.load_format!r}")
         self.torch_device()
         self.torch_dtype()
 

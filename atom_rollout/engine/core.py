@@ -8,11 +8,13 @@ import torch
 from transformers import AutoConfig, GenerationConfig
 
 from ..kernels import select_backend
-from ..models import WeightMap, build_model, iter_checkpoint, load_checkpoint
+from ..models import (WeightMap, build_model, init_dummy_weights, iter_checkpoint,
+                      load_checkpoint)
 from ..sampler import SamplingParams
 from ..sampler.noise import sample_key
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .cuda_graphs import DecodeGraphs
 from .kv_cache import allocate_kv_cache, num_kv_blocks
 from .model_runner import ModelRunner, StepResult
 from .scheduler import Scheduler
@@ -31,7 +33,10 @@ class EngineCore:
         self.max_model_len = _max_model_len(self.hf_config, config.max_model_len)
         self.model.to(device=self.device, dtype=self.dtype)
         self.weight_map = WeightMap(self.model)
-        load_checkpoint(self.weight_map, config.model_dir)
+        if config.load_format == "dummy":
+            init_dummy_weights(self.model, seed=config.seed or 0)
+        else:
+            load_checkpoint(self.weight_map, config.model_dir)
         self.model.init_rotary(self.max_model_len, self.device)
         self.ops = select_backend(self.device, config.kernel_backend)
         spec = self.model.spec
@@ -44,11 +49,21 @@ class EngineCore:
                                    config.max_num_batched_tokens)
         self.eos_token_ids = _eos_token_ids(self.hf_config, config.model_dir)
         self.runner = ModelRunner(self.model, self.ops, kv_views, config.block_size, self.device,
-                                  self.eos_token_ids, config.score_chunk_tokens)
+                                  self.eos_token_ids, config.score_chunk_tokens,
+                                  self._decode_graphs(kv_views))
         self.weight_version = 0
         self._finished_elsewhere: list[Sequence] = []  # e.g. aborted by a weight update
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.seed)
+
+    def _decode_graphs(self, kv_views) -> DecodeGraphs | None:
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return None
+        max_batch = min(self.config.cuda_graph_max_batch, self.config.max_num_seqs)
+        graphs = DecodeGraphs(self.model, self.ops, kv_views, max_batch, self.max_model_len,
+                              self.config.block_size, self.device)
+        graphs.capture()
+        return graphs
 
     @property
     def vocab_size(self) -> int:
@@ -104,7 +119,8 @@ class EngineCore:
         for row, seq in enumerate(result.sampled_seqs):
             token = result.token_ids[row]
             seq.append_token(token, result.logprobs[row], self.weight_version)
-            seq.raw_logprobs.append(result.raw_logprobs[row])
+            if result.raw_logprobs is not None:
+                seq.raw_logprobs.append(result.raw_logprobs[row])
             if result.top is not None:
                 seq.top_logprobs.append(result.top[row])
             reason = self._stop_reason(seq, token)

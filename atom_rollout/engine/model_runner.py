@@ -8,6 +8,8 @@ import torch
 from ..kernels import AttentionMetadata, KernelOps
 from ..models import DecoderForCausalLM
 from ..sampler import SamplingTensors, sample
+from ..sampler.noise import row_uniforms
+from .cuda_graphs import DecodeGraphs
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
@@ -17,15 +19,22 @@ class StepResult:
     sampled_seqs: list[Sequence]
     token_ids: list[int]
     logprobs: list[float]
-    raw_logprobs: list[float]
+    raw_logprobs: list[float] | None
     top: list[list[tuple[int, float]]] | None
 
 
 @dataclass
 class _Inputs:
+    """One step's inputs as host tensors."""
+
     input_ids: torch.Tensor
     positions: torch.Tensor
-    meta: AttentionMetadata
+    slot_mapping: torch.Tensor
+    query_start_loc: torch.Tensor
+    context_lens: torch.Tensor
+    block_tables: torch.Tensor
+    max_query_len: int
+    max_context_len: int
     sample_rows: list[int]  # flat token index whose logits draw the next token
     sample_seqs: list[Sequence]
     score_rows: list[tuple[Sequence, int, int, int]]  # (seq, flat row, position, count)
@@ -33,24 +42,43 @@ class _Inputs:
 
 class ModelRunner:
     def __init__(self, model: DecoderForCausalLM, ops: KernelOps, kv_caches, block_size: int,
-                 device: torch.device, eos_token_ids: frozenset[int], score_chunk_tokens: int):
+                 device: torch.device, eos_token_ids: frozenset[int], score_chunk_tokens: int,
+                 graphs: DecodeGraphs | None = None):
         self.model, self.ops, self.kv_caches = model, ops, kv_caches
         self.block_size, self.device = block_size, device
         self.eos_token_ids = eos_token_ids
         self.score_chunk_tokens = score_chunk_tokens
+        self.graphs = graphs
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
         inputs = self._prepare(batch)
-        hidden = self.model(self.ops, inputs.input_ids, inputs.positions, self.kv_caches,
-                            inputs.meta)
-        self._score(hidden, inputs.score_rows)
-        if not inputs.sample_seqs:
+        if self._is_graph_step(batch):
+            logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.slot_mapping,
+                                     inputs.context_lens, inputs.block_tables)
+        else:
+            logits = self._eager_forward(inputs)
+        if logits is None:
             return StepResult([], [], [], [], None)
-        rows = torch.tensor(inputs.sample_rows, device=self.device)
-        logits = self.model.compute_logits(hidden[rows])
         out = sample(logits, self._sampling_tensors(inputs.sample_seqs))
         return self._to_host(inputs.sample_seqs, out)
+
+    def _is_graph_step(self, batch: ScheduledBatch) -> bool:
+        return (self.graphs is not None and len(batch.seqs) <= self.graphs.max_batch
+                and batch.num_tokens == len(batch.seqs)
+                and not any(seq.is_score for seq in batch.seqs))
+
+    def _eager_forward(self, inputs: _Inputs) -> torch.Tensor | None:
+        up = self._upload
+        meta = AttentionMetadata(up(inputs.slot_mapping), up(inputs.query_start_loc),
+                                 up(inputs.context_lens), up(inputs.block_tables),
+                                 inputs.max_query_len, inputs.max_context_len)
+        hidden = self.model(self.ops, up(inputs.input_ids), up(inputs.positions),
+                            self.kv_caches, meta)
+        self._score(hidden, inputs.score_rows)
+        if not inputs.sample_seqs:
+            return None
+        return self.model.compute_logits(hidden[up(torch.tensor(inputs.sample_rows))])
 
     def _prepare(self, batch: ScheduledBatch) -> _Inputs:
         input_ids, positions, slots, context_lens, query_start = [], [], [], [], [0]
@@ -74,20 +102,23 @@ class ModelRunner:
                 sample_seqs.append(seq)
         max_blocks = max(len(s.block_table) for s in batch.seqs)
         tables = [s.block_table + [-1] * (max_blocks - len(s.block_table)) for s in batch.seqs]
-        meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots, torch.int64),
-            query_start_loc=self._tensor(query_start, torch.int32),
-            context_lens=self._tensor(context_lens, torch.int32),
-            block_tables=self._tensor(tables, torch.int32),
-            max_query_len=max(batch.num_new_tokens), max_context_len=max(context_lens))
-        return _Inputs(self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64),
-                       meta, sample_rows, sample_seqs, score_rows)
+        as_tensor = torch.tensor
+        return _Inputs(as_tensor(input_ids, dtype=torch.int64),
+                       as_tensor(positions, dtype=torch.int64),
+                       as_tensor(slots, dtype=torch.int64),
+                       as_tensor(query_start, dtype=torch.int32),
+                       as_tensor(context_lens, dtype=torch.int32),
+                       as_tensor(tables, dtype=torch.int32),
+                       max(batch.num_new_tokens), max(context_lens),
+                       sample_rows, sample_seqs, score_rows)
 
-    def _tensor(self, values, dtype: torch.dtype) -> torch.Tensor:
-        host = torch.tensor(values, dtype=dtype)
+    def _upload(self, host: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu":
             return host
         return host.pin_memory().to(self.device, non_blocking=True)
+
+    def _tensor(self, values, dtype: torch.dtype) -> torch.Tensor:
+        return self._upload(torch.tensor(values, dtype=dtype))
 
     def _score(self, hidden: torch.Tensor, score_rows) -> None:
         """Logprobs of given tokens, materialising at most score_chunk_tokens
@@ -106,31 +137,38 @@ class ModelRunner:
         banned = [(row, token) for row, s in enumerate(seqs)
                   if s.num_output_tokens < s.params.min_tokens
                   for token in self._stop_tokens(s)]
+        greedy = [p.greedy for p in params]
+        keys = torch.tensor([_signed64(s.noise_key) for s in seqs], dtype=torch.int64)
+        counters = torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64)
         return SamplingTensors(
             temperature=self._tensor([p.temperature for p in params], torch.float32),
             top_k=self._tensor([p.top_k for p in params], torch.int64),
             top_p=self._tensor([p.top_p for p in params], torch.float32),
             min_p=self._tensor([p.min_p for p in params], torch.float32),
-            keys=self._tensor([_signed64(s.noise_key) for s in seqs], torch.int64),
-            counters=self._tensor([s.num_output_tokens for s in seqs], torch.int64),
+            uniforms=self._upload(row_uniforms(keys, counters)),  # a few host ops per row
             banned=self._tensor(banned, torch.int64).T.contiguous() if banned else None,
             use_sort=any(p.top_k > 0 or p.top_p < 1 for p in params if not p.greedy),
             use_min_p=any(p.min_p > 0 for p in params if not p.greedy),
-            num_top_logprobs=max(p.logprobs or 0 for p in params))
+            num_top_logprobs=max(p.logprobs or 0 for p in params),
+            all_greedy=all(greedy), any_greedy=any(greedy),
+            need_raw=any(greedy) or any(p.return_raw_logprobs for p in params))
 
     def _stop_tokens(self, seq: Sequence) -> set[int]:
         eos = set() if seq.params.ignore_eos else set(self.eos_token_ids)
         return eos | set(seq.params.stop_token_ids)
 
     def _to_host(self, seqs: list[Sequence], out) -> StepResult:
-        tensors = [out.token_ids, out.logprobs, out.raw_logprobs]
-        host = [t.tolist() for t in tensors]  # the step's one device->host sync
+        tensors = [out.token_ids, out.logprobs]
+        if out.raw_logprobs is not None:
+            tensors.append(out.raw_logprobs)
+        host = [t.tolist() for t in torch.stack([t.double() for t in tensors]).cpu()]
+        host[0] = [int(t) for t in host[0]]  # the step's one device->host sync is above
         top = None
         if out.top_token_ids is not None:
             ids, lps = out.top_token_ids.tolist(), out.top_logprobs.tolist()
             top = [list(zip(ids[r], lps[r]))[:seqs[r].params.logprobs or 0]
                    for r in range(len(seqs))]
-        return StepResult(seqs, host[0], host[1], host[2], top)
+        return StepResult(seqs, host[0], host[1], host[2] if len(host) > 2 else None, top)
 
 
 def _signed64(value: int) -> int:

@@ -156,3 +156,19 @@ def load_checkpoint(weight_map: WeightMap, model_dir: str) -> None:
     missing = sorted(weight_map.required - loaded)
     if missing:
         raise ValueError(f"model_dir: checkpoint lacks tensors: {', '.join(missing[:20])}")
+
+
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Random weights of realistic scale, for benchmarks of real shapes without
+    a checkpoint: N(0, 0.02) matrices, unit norms, zero biases."""
+    gen = None
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if gen is None or gen.device != param.device:
+                gen = torch.Generator(param.device).manual_seed(seed)
+            if param.dim() > 1:
+                param.normal_(0, 0.02, generator=gen)
+            elif "norm" in name:
+                param.fill_(1.0)
+            else:
+                param.zero_()

@@ -5,7 +5,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .noise import row_uniforms
 from .processing import processed_logprobs
 
 
@@ -17,46 +16,58 @@ class SamplingTensors:
     top_k: torch.Tensor  # [R] int64, 0 = off
     top_p: torch.Tensor  # [R] float32
     min_p: torch.Tensor  # [R] float32
-    keys: torch.Tensor  # [R] int64 noise keys
-    counters: torch.Tensor  # [R] int64 draw index (output position)
+    uniforms: torch.Tensor  # [R] float64 in (0, 1): each row's draw, see noise.py
     banned: torch.Tensor | None  # [2, N] int64 (row, token) pairs masked out
     use_sort: bool
     use_min_p: bool
     num_top_logprobs: int
+    all_greedy: bool
+    any_greedy: bool
+    need_raw: bool  # some row is greedy or asked for raw logprobs
 
 
 @dataclass
 class SamplerOutput:
     token_ids: torch.Tensor  # [R] int64
     logprobs: torch.Tensor  # [R] float32, processed (raw for greedy rows)
-    raw_logprobs: torch.Tensor  # [R] float32
+    raw_logprobs: torch.Tensor | None  # [R] float32, when need_raw
     top_token_ids: torch.Tensor | None  # [R, k]
     top_logprobs: torch.Tensor | None  # [R, k]
 
 
 def sample(logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
-    """Draw one token per row by inverse-CDF on a counter-based uniform."""
+    """Draw one token per row by inverse-CDF on the row's own uniform."""
     logits = logits.float()
-    raw = torch.log_softmax(logits, dim=-1)
+    raw = torch.log_softmax(logits, dim=-1) if st.need_raw else None
     if st.banned is not None:
         logits = logits.index_put((st.banned[0], st.banned[1]),
                                   torch.tensor(float("-inf"), device=logits.device))
+    if st.all_greedy:
+        tokens = logits.argmax(dim=-1)
+        return _output(tokens, raw, raw, st)
     logp = processed_logprobs(logits, st.temperature, st.top_k, st.top_p, st.min_p,
                               st.use_sort, st.use_min_p)
-    greedy = st.temperature == 0
-    tokens = torch.where(greedy, logits.argmax(dim=-1), _inverse_cdf(logp, st))
+    tokens = _inverse_cdf(logp, st.uniforms)
+    if st.any_greedy:
+        greedy = (st.temperature == 0)[:, None]
+        tokens = torch.where(greedy[:, 0], logits.argmax(dim=-1), tokens)
+        logp = torch.where(greedy, raw, logp)  # greedy rows report the plain log-softmax
+    return _output(tokens, logp, raw, st)
+
+
+def _output(tokens: torch.Tensor, logp: torch.Tensor, raw: torch.Tensor | None,
+            st: SamplingTensors) -> SamplerOutput:
     picked = tokens[:, None]
-    token_logp = torch.where(greedy, raw.gather(-1, picked)[:, 0], logp.gather(-1, picked)[:, 0])
     top_ids = top_lp = None
     if st.num_top_logprobs > 0:
-        source = torch.where(greedy[:, None], raw, logp)
-        top_lp, top_ids = source.topk(st.num_top_logprobs, dim=-1)
-    return SamplerOutput(tokens, token_logp, raw.gather(-1, picked)[:, 0], top_ids, top_lp)
+        top_lp, top_ids = logp.topk(st.num_top_logprobs, dim=-1)
+    raw_lp = raw.gather(-1, picked)[:, 0] if raw is not None else None
+    return SamplerOutput(tokens, logp.gather(-1, picked)[:, 0], raw_lp, top_ids, top_lp)
 
 
-def _inverse_cdf(logp: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+def _inverse_cdf(logp: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     cdf = logp.double().exp().cumsum(dim=-1)
-    target = row_uniforms(st.keys, st.counters) * cdf[:, -1]
+    target = uniforms * cdf[:, -1]
     tokens = torch.searchsorted(cdf, target[:, None], right=True)[:, 0]
     tokens = tokens.clamp(max=logp.shape[-1] - 1)
     # Rounding at the top of the CDF could land on a trailing filtered token.

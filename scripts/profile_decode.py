@@ -1,0 +1,52 @@
+"""Where a decode step's time goes: host-side Python (cProfile) and GPU kernels
+(torch.profiler), for the Qwen3-0.6B shape at a given batch size.
+
+  python scripts/profile_decode.py --batch 1
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from atom_rollout import RolloutEngine, SamplingParams
+from atom_rollout.bench.models import config_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="qwen3-0.6b")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    args = parser.parse_args()
+    engine = RolloutEngine(config_dir(args.model), load_format="dummy", max_model_len=4096,
+                           show_progress=False)
+    prompts = [[5 + i] * 128 for i in range(args.batch)]
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.tokens,
+                            ignore_eos=True)
+    engine.generate_batch(prompts, params)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    engine.generate_batch(prompts, params)
+    print(f"{(time.perf_counter() - start) / args.tokens * 1e3:.3f} ms/step wall")
+    profiler = cProfile.Profile()
+    profiler.enable()
+    engine.generate_batch(prompts, params)
+    profiler.disable()
+    stream = io.StringIO()
+    pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(18)
+    print(stream.getvalue()[-4000:])
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.generate_batch(prompts, params)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18))
+
+
+if __name__ == "__main__":
+    main()
