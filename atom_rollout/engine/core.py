@@ -12,6 +12,7 @@ from ..models import (WeightMap, build_model, init_dummy_weights, iter_checkpoin
                       load_checkpoint)
 from ..sampler import SamplingParams
 from ..sampler.noise import sample_key
+from ..weight_sync import IpcPayload, ReceivedUpdate, WeightReceiver, rebuild_ipc
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
@@ -53,6 +54,7 @@ class EngineCore:
                                   self._decode_graphs(kv_views))
         self.weight_version = 0
         self._finished_elsewhere: list[Sequence] = []  # e.g. aborted by a weight update
+        self._receiver: WeightReceiver | None = None
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.seed)
 
@@ -163,6 +165,33 @@ class EngineCore:
 
     def reset_prefix_cache(self) -> None:
         self.block_manager.reset_prefix_cache()
+
+    def init_weight_sync(self, master_address: str, master_port: int, rank_offset: int,
+                         world_size: int, backend: str = "nccl", timeout_s: float = 600.0) -> None:
+        """Join the trainer's standalone weight-broadcast group as rank ``rank_offset``
+        (blocks until every rank has joined)."""
+        if self._receiver is not None:
+            self._receiver.close()
+            self._receiver = None
+        device = self.device if backend == "nccl" else torch.device("cpu")
+        self._receiver = WeightReceiver(master_address, master_port, rank_offset, world_size,
+                                        backend=backend, device=device, timeout_s=timeout_s)
+
+    def receive_update(self, timeout_s: float | None = None) -> ReceivedUpdate:
+        """Block until one whole broadcast has arrived; touches no engine state."""
+        if self._receiver is None:
+            raise RuntimeError("receive_weights: call init_weight_sync first")
+        return self._receiver.receive(timeout_s)
+
+    def receive_weights(self, timeout_s: float | None = None, **options) -> int:
+        update = self.receive_update(timeout_s)
+        return self.update_weights(update.named_tensors, update.version, **options)
+
+    def update_weights_from_ipc(self, payload: IpcPayload, **options) -> int:
+        """Colocated trainer: read its CUDA IPC buckets (see weight_sync.export_ipc)."""
+        update = rebuild_ipc(payload, self.device.index)
+        options.setdefault("version", update.version)
+        return self.update_weights(update.named_tensors, **options)
 
     def abort(self, seqs: list[Sequence]) -> None:
         for seq in seqs:

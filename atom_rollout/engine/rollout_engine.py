@@ -98,6 +98,23 @@ class RolloutEngine:
         with self._lock:
             self.core.reset_prefix_cache()
 
+    def init_weight_sync(self, master_address: str, master_port: int, rank_offset: int,
+                         world_size: int, backend: str = "nccl", timeout_s: float = 600.0) -> None:
+        """Join a trainer's WeightSender group (trainer rank 0, this engine rank_offset)."""
+        self.core.init_weight_sync(master_address, master_port, rank_offset, world_size,
+                                   backend, timeout_s)
+
+    def receive_weights(self, timeout_s: float | None = None, **options) -> int:
+        """Wait for one whole broadcast (generation may go on meanwhile), then apply it
+        like update_weights(**options). A failed or partial transfer changes nothing."""
+        update = self.core.receive_update(timeout_s)
+        with self._lock:
+            return self.core.update_weights(update.named_tensors, update.version, **options)
+
+    def update_weights_from_ipc(self, payload, **options) -> int:
+        with self._lock:
+            return self.core.update_weights_from_ipc(payload, **options)
+
     def _run(self, seqs: list[Sequence], desc: str) -> None:
         bar = tqdm(total=len(seqs), desc=desc, disable=not self.config.show_progress,
                    leave=False)
