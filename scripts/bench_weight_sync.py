@@ -38,8 +38,8 @@ MODELS = {
                        inter=3072, vocab=151936, tied=True),
     "qwen3-8b": dict(hidden=4096, layers=36, heads=32, kv_heads=8, head_dim=128,
                      inter=12288, vocab=151936, tied=False),
-    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, inter=128,
-                 vocab=1000, tied=False),
+    "tiny": dict(hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, inter=384,
+                 vocab=2048, tied=True),  # atom_rollout.bench.models' "tiny"
 }
 
 
@@ -129,6 +129,7 @@ def trainer(args, port: int, results) -> None:
                       "send_ms": median_ms(timer(lambda: sender.send(named, version=1)))}
         timer(lambda: sender.send(named, version=2))  # e2e_overlap
         sender.send(named, version=3)  # verified by the receiver
+        timer(lambda: sender.send(named, version=4))  # into a real engine
         del named
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -157,7 +158,7 @@ def engine(args, port: int, results) -> None:
     out = {}
     for model in args.models:
         shapes = qwen3_shapes(**MODELS[model])
-        out[model] = engine_model(recv, timer, shapes, device, args.bucket_mib * 2**20)
+        out[model] = engine_model(recv, timer, shapes, device, args.bucket_mib * 2**20, model)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     results.put(("engine", out))
@@ -165,7 +166,7 @@ def engine(args, port: int, results) -> None:
 
 
 def engine_model(recv: WeightReceiver, timer: Timer, shapes, device,
-                 bucket_bytes: int) -> dict:
+                 bucket_bytes: int, model: str) -> dict:
     dest = {n: torch.empty(s, dtype=torch.bfloat16, device=device) for n, s in shapes}
     nbytes = sum(t.numel() * t.element_size() for t in dest.values())
     raw = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -195,7 +196,35 @@ def engine_model(recv: WeightReceiver, timer: Timer, shapes, device,
     update = recv.receive()
     apply(update.named_tensors, dest)
     r["verified"] = verify(dest, shapes, device)
+    del dest
+    r.update(engine_apply(recv, timer, model, device))
     return r
+
+
+def engine_apply(recv: WeightReceiver, timer: Timer, model: str, device) -> dict:
+    """End to end into a RolloutEngine: receive, then engine.update_weights (name
+    mapping onto fused params, shape and NaN checks, version bump, cache reset)."""
+    from atom_rollout import RolloutEngine
+    from atom_rollout.bench.models import config_dir
+    engine = RolloutEngine(config_dir(model), load_format="dummy", device=str(device),
+                           dtype="bfloat16", enforce_eager=True, max_model_len=1024,
+                           num_kv_blocks=128, show_progress=False)
+    applies = []
+
+    def receive_and_update() -> None:
+        update = recv.receive()
+        t0 = time.perf_counter()
+        engine.update_weights(update.named_tensors, version=update.version)
+        sync(device)
+        applies.append(time.perf_counter() - t0)
+
+    out = {"e2e_engine_ms": median_ms(timer(receive_and_update)),
+           "engine_apply_ms": median_ms(applies[-timer.iters:]),
+           "engine_version": engine.weight_version}
+    del engine
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
 
 
 def apply(views: list[tuple[str, torch.Tensor]], dest: dict) -> None:
@@ -221,6 +250,7 @@ def summarize(trainer_out: dict, engine_out: dict) -> dict:
             row[k + "_gbps"] = gb / (row[k + "_ms"] / 1e3)
         row["e2e_pct_of_raw"] = 100 * row["raw_big_ms"] / row["e2e_ms"]
         row["e2e_overlap_pct_of_raw"] = 100 * row["raw_big_ms"] / row["e2e_overlap_ms"]
+        row["e2e_engine_pct_of_raw"] = 100 * row["raw_big_ms"] / row["e2e_engine_ms"]
         rows[model] = row
     return rows
 
@@ -229,12 +259,14 @@ def print_table(rows: dict) -> None:
     cols = [("model", "{}"), ("GB", "{:.2f}"), ("raw ms", "{:.2f}"), ("raw GB/s", "{:.0f}"),
             ("rawbkt ms", "{:.2f}"), ("pack ms", "{:.2f}"), ("wire ms", "{:.2f}"),
             ("apply ms", "{:.2f}"), ("e2e ms", "{:.2f}"), ("e2e %", "{:.0f}"),
-            ("ovl ms", "{:.2f}"), ("ovl %", "{:.0f}"), ("ok", "{}")]
+            ("ovl ms", "{:.2f}"), ("ovl %", "{:.0f}"), ("engine ms", "{:.2f}"),
+            ("eng apply", "{:.2f}"), ("engine %", "{:.0f}"), ("ok", "{}")]
     print("  ".join(f"{c:>10}" for c, _ in cols))
     for model, r in rows.items():
         vals = [model, r["bytes"] / 1e9, r["raw_big_ms"], r["raw_big_gbps"],
                 r["raw_buckets_ms"], r["pack_ms"], r["wire_ms"], r["apply_ms"], r["e2e_ms"],
                 r["e2e_pct_of_raw"], r["e2e_overlap_ms"], r["e2e_overlap_pct_of_raw"],
+                r["e2e_engine_ms"], r["engine_apply_ms"], r["e2e_engine_pct_of_raw"],
                 r["verified"]]
         print("  ".join(f"{f.format(v):>10}" for (_, f), v in zip(cols, vals)))
 

@@ -91,9 +91,15 @@ class WeightMap:
 
     @staticmethod
     def apply(plan: list[tuple[Target, torch.Tensor]]) -> None:
+        """Copy in, batched into multi-tensor copies per (device, device) pair."""
+        groups: dict[tuple, tuple[list, list]] = {}
+        for target, tensor in plan:
+            dst, src = groups.setdefault((target.param.device, tensor.device), ([], []))
+            dst.append(target.view())
+            src.append(tensor)
         with torch.no_grad():
-            for target, tensor in plan:
-                target.view().copy_(tensor)
+            for dst, src in groups.values():
+                torch._foreach_copy_(dst, src)
 
 
 def _aliases(model: nn.Module, primary_of: dict[int, str]) -> Iterator[tuple[str, str]]:
@@ -103,14 +109,16 @@ def _aliases(model: nn.Module, primary_of: dict[int, str]) -> Iterator[tuple[str
 
 
 def _non_finite(plan: list[tuple[Target, torch.Tensor]], names: list[str]) -> list[str]:
-    """Names of tensors holding NaN/inf, with one host sync per device for all of them."""
-    flags: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    """Names of tensors holding NaN/inf: per device, one multi-tensor max-abs pass
+    (NaN and inf survive a max) and one host sync for all of them."""
+    groups: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
     for name, (_, tensor) in zip(names, plan):
-        if tensor.is_floating_point():
-            flags.setdefault(tensor.device, []).append((name, torch.isfinite(tensor).all()))
+        if tensor.is_floating_point() and tensor.numel() > 0:
+            groups.setdefault(tensor.device, []).append((name, tensor))
     bad = []
-    for pairs in flags.values():
-        finite = torch.stack([flag for _, flag in pairs]).tolist()
+    for pairs in groups.values():
+        peaks = torch._foreach_norm([t for _, t in pairs], ord=float("inf"))
+        finite = torch.isfinite(torch.stack([p.float() for p in peaks])).tolist()
         bad += [name for (name, _), ok in zip(pairs, finite) if not ok]
     return bad
 
