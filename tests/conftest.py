@@ -52,3 +52,15 @@ def hf_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
     for _ in range(num_tokens):
         tokens.append(int(hf_logits(model, tokens)[-1].argmax()))
     return tokens[len(prompt):]
+
+
+# ---- serving layers (core process, HTTP server, Ray): a checkpoint with a tokenizer
+
+@pytest.fixture(scope="session")
+def served_checkpoint(tmp_path_factory):
+    """The llama test model plus a character tokenizer with a chat template."""
+    from char_tokenizer import save_char_tokenizer
+    path = tmp_path_factory.mktemp("served")
+    build_checkpoint(path, "llama")
+    save_char_tokenizer(path)
+    return str(path)

@@ -94,10 +94,10 @@ class BlockManager:
         seq.num_registered_blocks = 0
 
     def reset_prefix_cache(self) -> None:
+        """Forget every cached block; keys that named them as parents die with them."""
+        for block_id in self.cached.values():
+            self.blocks[block_id].key = None
         self.cached.clear()
-        for block in self.blocks:
-            block.key = None
-            block.epoch += 1
 
     def _acquire(self, block_id: int) -> None:
         block = self.blocks[block_id]

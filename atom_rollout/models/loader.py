@@ -109,18 +109,21 @@ def _aliases(model: nn.Module, primary_of: dict[int, str]) -> Iterator[tuple[str
 
 
 def _non_finite(plan: list[tuple[Target, torch.Tensor]], names: list[str]) -> list[str]:
-    """Names of tensors holding NaN/inf: per device, one multi-tensor max-abs pass
-    (NaN and inf survive a max) and one host sync for all of them."""
-    groups: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    """Names of tensors holding NaN/inf: one multi-tensor max-abs pass per (device,
+    dtype) (NaN and inf survive a max), read back together."""
+    groups: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
     for name, (_, tensor) in zip(names, plan):
         if tensor.is_floating_point() and tensor.numel() > 0:
-            groups.setdefault(tensor.device, []).append((name, tensor))
-    bad = []
+            groups.setdefault((tensor.device, tensor.dtype), []).append((name, tensor))
+    flags = []
     for pairs in groups.values():
         peaks = torch._foreach_norm([t for _, t in pairs], ord=float("inf"))
-        finite = torch.isfinite(torch.stack([p.float() for p in peaks])).tolist()
-        bad += [name for (name, _), ok in zip(pairs, finite) if not ok]
-    return bad
+        flags.append(torch.isfinite(torch.stack(peaks)))
+    if not flags:
+        return []
+    finite = torch.cat([f.cpu() for f in flags]).tolist()
+    named = [name for pairs in groups.values() for name, _ in pairs]
+    return [name for name, ok in zip(named, finite) if not ok]
 
 
 def _raise_if_any(**problems: list[str]) -> None:
