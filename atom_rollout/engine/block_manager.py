@@ -78,10 +78,12 @@ class BlockManager:
         return needed - len(seq.block_table) <= self.num_free_blocks
 
     def grow(self, seq: Sequence, num_new_tokens: int) -> None:
-        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens)
+        known = seq.num_computed_tokens + num_new_tokens
+        needed = self.blocks_needed(known)
         while len(seq.block_table) < needed:
             seq.block_table.append(self._take_free_block())
-        self._register_full_blocks(seq, seq.num_computed_tokens + num_new_tokens)
+        if known // self.block_size > seq.num_registered_blocks:
+            self._register_full_blocks(seq, known)
 
     def release(self, seq: Sequence) -> None:
         """Drop a sequence's blocks, tail first so shared prefixes outlive tails."""

@@ -1,8 +1,10 @@
 """ModelRunner: turns a scheduled batch into tensors, runs the model, samples."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..kernels import AttentionMetadata, KernelOps
@@ -89,7 +91,10 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if num_new == 1:  # decode: the common case, kept cheap
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             context_lens.append(end)
             query_start.append(query_start[-1] + num_new)
             if seq.is_score:
@@ -100,15 +105,14 @@ class ModelRunner:
             elif end == seq.num_tokens:
                 sample_rows.append(row0 + num_new - 1)
                 sample_seqs.append(seq)
-        max_blocks = max(len(s.block_table) for s in batch.seqs)
-        tables = [s.block_table + [-1] * (max_blocks - len(s.block_table)) for s in batch.seqs]
         as_tensor = torch.tensor
+        tables = _padded_tables([s.block_table for s in batch.seqs])
         return _Inputs(as_tensor(input_ids, dtype=torch.int64),
                        as_tensor(positions, dtype=torch.int64),
                        as_tensor(slots, dtype=torch.int64),
                        as_tensor(query_start, dtype=torch.int32),
                        as_tensor(context_lens, dtype=torch.int32),
-                       as_tensor(tables, dtype=torch.int32),
+                       tables,
                        max(batch.num_new_tokens), max(context_lens),
                        sample_rows, sample_seqs, score_rows)
 
@@ -173,3 +177,14 @@ class ModelRunner:
 
 def _signed64(value: int) -> int:
     return value - (1 << 64) if value >= (1 << 63) else value
+
+
+def _padded_tables(tables: list[list[int]]) -> torch.Tensor:
+    """Block tables as one [B, max_blocks] int32 tensor padded with -1."""
+    widths = [len(t) for t in tables]
+    out = np.full((len(tables), max(widths)), -1, dtype=np.int32)
+    flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int32, count=sum(widths))
+    rows = np.repeat(np.arange(len(tables)), widths)
+    cols = np.arange(len(flat)) - np.repeat(np.cumsum(widths) - widths, widths)
+    out[rows, cols] = flat
+    return torch.from_numpy(out)
