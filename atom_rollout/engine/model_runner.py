@@ -155,7 +155,8 @@ class ModelRunner:
             use_min_p=any(p.min_p > 0 for p in params if not p.greedy),
             num_top_logprobs=max(p.logprobs or 0 for p in params),
             all_greedy=all(greedy), any_greedy=any(greedy),
-            need_raw=any(greedy) or any(p.return_raw_logprobs for p in params))
+            need_raw=any(greedy) or any(p.return_raw_logprobs for p in params),
+            fused_kernel=self.ops.name == "triton")
 
     def _stop_tokens(self, seq: Sequence) -> set[int]:
         eos = set() if seq.params.ignore_eos else set(self.eos_token_ids)

@@ -12,6 +12,7 @@ from ..sampler import SamplingParams
 from .config import EngineConfig
 from .core import EngineCore
 from .outputs import RolloutOutput, SampleOutput
+from .prompt_check import check_length, check_token_ids
 from .sequence import Sequence
 
 
@@ -139,24 +140,11 @@ class RolloutEngine:
         return [self._validate_ids(p, f"{field}[{i}]") for i, p in enumerate(prompts)]
 
     def _validate_ids(self, ids, field: str, allow_empty: bool = False) -> list[int]:
-        if isinstance(ids, str):
-            ids = self.tokenizer.encode(ids)
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        ids = list(ids)
-        if not ids and not allow_empty:
-            raise ValueError(f"{field}: empty prompt")
-        vocab = self.core.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"{field}: token id {bad[0]!r} outside the vocabulary [0, {vocab})")
-        return ids
+        return check_token_ids(ids, field, self.core.vocab_size,
+                               lambda text: self.tokenizer.encode(text), allow_empty)
 
     def _check_length(self, field: str, length: int, reserve: int) -> None:
-        limit = self.core.max_model_len
-        if length + reserve > limit:
-            raise ValueError(f"{field}: length {length} leaves no room under "
-                             f"max_model_len={limit}")
+        check_length(field, length, reserve, self.core.max_model_len)
 
     @staticmethod
     def _params_per_prompt(params, count: int) -> list[SamplingParams]:

@@ -24,6 +24,7 @@ class SamplingTensors:
     all_greedy: bool
     any_greedy: bool
     need_raw: bool  # some row is greedy or asked for raw logprobs
+    fused_kernel: bool = False  # the Triton fused pass may serve rows without top-k/top-p
 
 
 @dataclass
@@ -37,6 +38,8 @@ class SamplerOutput:
 
 def sample(logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
     """Draw one token per row by inverse-CDF on the row's own uniform."""
+    if st.fused_kernel and not st.use_sort and st.num_top_logprobs == 0:
+        return _fused(logits, st)
     logits = logits.float()
     raw = torch.log_softmax(logits, dim=-1) if st.need_raw else None
     if st.banned is not None:
@@ -73,3 +76,11 @@ def _inverse_cdf(logp: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     # Rounding at the top of the CDF could land on a trailing filtered token.
     landed_outside = logp.gather(-1, tokens[:, None])[:, 0] == float("-inf")
     return torch.where(landed_outside, logp.argmax(dim=-1), tokens)
+
+
+def _fused(logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
+    """The same draw in one streaming Triton pass (imported late: it compiles on import)."""
+    from ..kernels.triton.sampling import fused_sample
+    tokens, logp, raw = fused_sample(logits, st.temperature, st.min_p, st.uniforms, st.banned,
+                                     st.need_raw, use_min_p=st.use_min_p)
+    return SamplerOutput(tokens, logp, raw, None, None)

@@ -1,0 +1,1 @@
+"""Integrations with trainer frameworks: Ray (`ray_worker`)."""
