@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = {"bench": "atom_rollout.bench.__main__", "serve": "atom_rollout.server.__main__"}
+COMMANDS = {"bench": "atom_rollout.bench.__main__", "serve": "atom_rollout.server.__main__",
+            "demo": "atom_rollout.rl.demo"}
 
 
 def main(argv: list[str] | None = None) -> None:

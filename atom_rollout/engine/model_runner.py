@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +52,7 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.score_chunk_tokens = score_chunk_tokens
         self.graphs = graphs
+        self.fused_sampling = ops.name == "triton"
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
@@ -62,8 +64,20 @@ class ModelRunner:
             logits = self._eager_forward(inputs)
         if logits is None:
             return StepResult([], [], [], [], None)
-        out = sample(logits, self._sampling_tensors(inputs.sample_seqs))
-        return self._to_host(inputs.sample_seqs, out)
+        return self._to_host(inputs.sample_seqs, self._sample(logits, inputs.sample_seqs))
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]):
+        tensors = self._sampling_tensors(seqs)
+        if not tensors.fused_kernel:
+            return sample(logits, tensors)
+        try:
+            return sample(logits, tensors)
+        except Exception as error:  # a Triton build this kernel does not compile on
+            warnings.warn(f"fused sampling kernel unavailable, using the torch sampler: "
+                          f"{type(error).__name__}: {str(error)[:200]}")
+            self.fused_sampling = False
+            tensors.fused_kernel = False
+            return sample(logits, tensors)
 
     def _is_graph_step(self, batch: ScheduledBatch) -> bool:
         return (self.graphs is not None and len(batch.seqs) <= self.graphs.max_batch
@@ -156,7 +170,7 @@ class ModelRunner:
             num_top_logprobs=max(p.logprobs or 0 for p in params),
             all_greedy=all(greedy), any_greedy=any(greedy),
             need_raw=any(greedy) or any(p.return_raw_logprobs for p in params),
-            fused_kernel=self.ops.name == "triton")
+            fused_kernel=self.fused_sampling)
 
     def _stop_tokens(self, seq: Sequence) -> set[int]:
         eos = set() if seq.params.ignore_eos else set(self.eos_token_ids)

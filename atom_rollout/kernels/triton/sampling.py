@@ -29,13 +29,13 @@ import triton
 import triton.language as tl
 
 # Fields of the per-chunk float64 partials buffer [R, NUM_FIELDS, chunks].
-_MAX: tl.constexpr = 0  # max of banned-masked logits (unscaled)
-_SUM: tl.constexpr = 1  # sum exp(s - chunk max of s), s = masked logits / T
-_RAW_MAX: tl.constexpr = 2
-_RAW_SUM: tl.constexpr = 3  # sum exp(raw - raw chunk max)
-_KEPT: tl.constexpr = 4  # like _SUM over the tokens min-p keeps
-_NUM_FIELDS: tl.constexpr = 5
-NUM_FIELDS = _NUM_FIELDS
+_MAX = tl.constexpr(0)  # max of banned-masked logits (unscaled)
+_SUM = tl.constexpr(1)  # sum exp(s - chunk max of s), s = masked logits / T
+_RAW_MAX = tl.constexpr(2)
+_RAW_SUM = tl.constexpr(3)  # sum exp(raw - raw chunk max)
+_KEPT = tl.constexpr(4)  # like _SUM over the tokens min-p keeps
+NUM_FIELDS = 5
+_NUM_FIELDS = tl.constexpr(NUM_FIELDS)  # triton 3.6 reads only tl.constexpr(...) globals
 
 MIN_BLOCK = 1024
 MAX_BLOCK = 4096
