@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atom_rollout.kernels import AttentionMetadata, TorchOps  # noqa: E402
+from bench_util import json_safe  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -242,11 +243,6 @@ def print_table(rows: list[dict], device_name: str) -> None:
         print(_format_row(row))
 
 
-def _json_safe(rows: list[dict]) -> list[dict]:
-    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-            for row in rows]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU")
@@ -273,7 +269,7 @@ def main() -> int:
     out = Path(args.out) / "kernels.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": device_name, "dtype": str(dtype), "smoke": args.smoke,
-                               "torch": torch.__version__, "rows": _json_safe(rows)}, indent=1))
+                               "torch": torch.__version__, "rows": json_safe(rows)}, indent=1))
     print(f"wrote {out}")
     return 0 if all(row["ok"] for row in rows) else 1
 
