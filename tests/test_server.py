@@ -9,7 +9,6 @@ pytest.importorskip("fastapi")
 
 from server_util import running_server  # noqa: E402
 
-from atom_rollout.engine.core import EngineCore  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +104,7 @@ def test_chat_completion_and_stream(client, engine):
     prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                   tokenize=True, return_dict=False)
     assert choice.model_extra["prompt_token_ids"] == list(prompt)
+    assert whole.model_extra["prompt_token_ids"] == list(prompt)  # where TRL reads it
     text, streamed_ids = "", []
     for chunk in client.chat.completions.create(stream=True, **kwargs):
         for c in chunk.choices:
@@ -153,8 +153,30 @@ def test_rl_endpoints(url, served_checkpoint):
     assert stats["free_kv_blocks"] == stats["num_kv_blocks"] and stats["paused"] is None
 
 
-@pytest.mark.skipif(not hasattr(EngineCore, "update_weights_from_disk"),
-                    reason="EngineCore.update_weights_from_disk not there yet")
+def test_weight_broadcast_through_http_endpoints(url, served_checkpoint):
+    """A trainer process's WeightSender -> /init_weight_sync + /update_weights."""
+    from test_weight_broadcast import _spawn, free_port
+    prompt = {"prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0, "logprobs": 0}
+    before = httpx.post(f"{url}/v1/completions", json=prompt).json()
+    port = free_port()
+    proc, done = _spawn(served_checkpoint, port, [3], False)
+    try:
+        init = httpx.post(f"{url}/init_weight_sync", timeout=60, json=dict(
+            master_address="127.0.0.1", master_port=port, rank_offset=1, world_size=2,
+            backend="gloo"))
+        assert init.status_code == 200, init.text
+        update = httpx.post(f"{url}/update_weights", json={"timeout_s": 60}, timeout=90)
+        assert update.status_code == 200, update.text
+        assert update.json() == {"weight_version": 13}
+    finally:
+        done.set()
+        proc.join(30)
+    assert httpx.get(f"{url}/weight_version").json() == {"weight_version": 13}
+    after = httpx.post(f"{url}/v1/completions", json=prompt).json()
+    assert (after["choices"][0]["logprobs"]["token_logprobs"]
+            != before["choices"][0]["logprobs"]["token_logprobs"])
+
+
 def test_update_weights_from_disk_endpoint(url, served_checkpoint):
     response = httpx.post(f"{url}/update_weights_from_disk", json={"path": served_checkpoint})
     assert response.status_code == 200, response.text

@@ -46,8 +46,9 @@ async def create_chat_completion(engine: AsyncRolloutEngine, model: str, body: C
                 "prompt_token_ids": prompt, "token_ids": sample.token_ids}
                for j, sample in enumerate(out.samples)]
     completion_tokens = sum(len(s.token_ids) for s in out.samples)
+    # prompt_token_ids also at the top level: TRL's VLLMClient.chat reads it there
     return {**header, "object": "chat.completion", "choices": choices,
-            "usage": usage(len(prompt), completion_tokens)}
+            "prompt_token_ids": prompt, "usage": usage(len(prompt), completion_tokens)}
 
 
 async def _stream(engine, prompt, params, body: ChatRequest, text: TokenText, header: dict):
