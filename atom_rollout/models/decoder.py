@@ -139,6 +139,7 @@ class DecoderForCausalLM(nn.Module):
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.mtp: nn.Module | None = None  # MTP draft layers, see models/mtp.py
         for p in self.parameters():
             p.requires_grad_(False)
         self.cos_sin: torch.Tensor | None = None

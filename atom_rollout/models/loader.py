@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -16,7 +17,9 @@ from torch import nn
 
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.",
                     "module.")
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+IGNORED = re.compile(r"(rotary_emb\.inv_freq"
+                     r"|^mtp\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight)$")
+_MAIN_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 
 
 def canonical_name(name: str) -> str:
@@ -51,6 +54,7 @@ class WeightMap:
                 self._add(name, param)
         self.aliases = dict(_aliases(model, primary_of))  # tied names -> their primary
         self.required = frozenset(self.targets)
+        self.num_main_layers = model.spec.num_layers
 
     def _add(self, name: str, param: nn.Parameter) -> None:
         shards = getattr(param, "shards", None)
@@ -61,9 +65,17 @@ class WeightMap:
         for shard, (offset, rows) in shards.items():
             self.targets[name.replace(fused, shard)] = Target(param, offset, rows)
 
-    def resolve(self, name: str) -> str | None:
+    def canonical(self, name: str) -> str:
+        """Wrappers stripped; DeepSeek-V3's MTP layout (main-layer indices past the
+        last layer) renamed to ours, see models/mtp.py."""
         name = canonical_name(name)
-        name = self.aliases.get(name, name)
+        main = _MAIN_LAYER.match(name)
+        if main and int(main.group(1)) >= self.num_main_layers:
+            name = f"mtp.layers.{int(main.group(1)) - self.num_main_layers}.{main.group(2)}"
+        return self.aliases.get(name, name)
+
+    def resolve(self, name: str) -> str | None:
+        name = self.canonical(name)
         return name if name in self.targets else None
 
     def plan(self, named_tensors: Iterable[tuple[str, torch.Tensor]], partial: bool = True,
@@ -72,7 +84,7 @@ class WeightMap:
         raise one ValueError listing all problems, having written nothing."""
         plan, names, unknown, bad_shape = [], [], [], []
         for raw_name, tensor in named_tensors:
-            if raw_name.endswith(IGNORED_SUFFIXES):
+            if IGNORED.search(self.canonical(raw_name)):
                 continue
             name = self.resolve(raw_name)
             if name is None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .decoder import DecoderForCausalLM, DecoderSpec
+from .mtp import MTPStack, num_mtp_layers
 
 # architecture -> (qkv bias, per-head q/k RMSNorm)
 _FAMILIES = {
@@ -20,7 +21,11 @@ def build_model(hf_config) -> DecoderForCausalLM:
         if arch in _FAMILIES:
             qkv_bias, qk_norm = _FAMILIES[arch]
             _reject_unsupported_options(hf_config, arch)
-            return DecoderForCausalLM(DecoderSpec.from_hf(hf_config, qkv_bias, qk_norm), hf_config)
+            model = DecoderForCausalLM(DecoderSpec.from_hf(hf_config, qkv_bias, qk_norm),
+                                       hf_config)
+            if num_mtp_layers(hf_config):
+                model.mtp = MTPStack(model.spec, num_mtp_layers(hf_config)).requires_grad_(False)
+            return model
     raise ValueError(f"architectures: {architectures!r} is not supported; "
                      f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
