@@ -1,0 +1,51 @@
+"""The trainer-side MTP head is the engine's MTP layer, and trains without touching the policy."""
+import json
+
+import torch
+
+from atom_rollout import RolloutEngine
+from atom_rollout.kernels import AttentionMetadata, TorchOps
+from atom_rollout.rl.mtp_head import MTPHead
+from test_mtp import _with_mtp, mtp_tensors
+
+
+def test_head_and_engine_layer_compute_the_same(tmp_path, checkpoints):
+    _, policy = checkpoints["llama"]
+    policy.save_pretrained(tmp_path)
+    engine = RolloutEngine(_with_mtp(tmp_path, mtp_tensors(seed=0)), show_progress=False)
+    head = MTPHead(policy)
+    assert engine.update_weights(head.named_tensors()) == 1  # names map onto the engine
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 97, (1, 9), generator=gen)
+    with torch.no_grad():
+        hidden = policy.model(ids).last_hidden_state
+        expected = head(ids, hidden)[0]
+    length = ids.shape[1] - 1
+    kv = torch.zeros(2, 16, policy.config.num_key_value_heads, 16)
+    meta = AttentionMetadata(torch.arange(length), torch.tensor([0, length], dtype=torch.int32),
+                             torch.tensor([length], dtype=torch.int32),
+                             torch.tensor([[0]], dtype=torch.int32), length, length)
+    model = engine.core.model
+    got = model.mtp.layers[0](TorchOps(), hidden[0, :-1], model.model.embed_tokens(ids[0, 1:]),
+                              torch.arange(length), model.cos_sin, (kv, kv.clone()), meta)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mtp_loss_trains_the_head_only(checkpoints):
+    _, policy = checkpoints["llama"]
+    head = MTPHead(policy)
+    optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(2)
+    pattern = torch.randint(3, 97, (8,), generator=gen)
+    ids = pattern.repeat(4, 3)  # periodic: the next-next token is learnable
+    policy.zero_grad(set_to_none=True)
+    losses = []
+    for _ in range(30):
+        hidden = policy.model(ids).last_hidden_state
+        loss = head.loss(ids, hidden)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert all(p.grad is None for p in policy.parameters())
