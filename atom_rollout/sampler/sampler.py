@@ -43,8 +43,8 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
     logits = logits.float()
     raw = torch.log_softmax(logits, dim=-1) if st.need_raw else None
     if st.banned is not None:
-        logits = logits.index_put((st.banned[0], st.banned[1]),
-                                  torch.tensor(float("-inf"), device=logits.device))
+        logits = logits.clone()
+        logits[st.banned[0], st.banned[1]] = float("-inf")  # a host scalar: no copy, no sync
     if st.all_greedy:
         tokens = logits.argmax(dim=-1)
         return _output(tokens, raw, raw, st)
