@@ -25,8 +25,10 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 lookahead_slots: int = 0):
         self.block_size = block_size
+        self.lookahead_slots = lookahead_slots  # KV slots past the step, for draft chains
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
@@ -58,7 +60,8 @@ class BlockManager:
 
     def can_allocate(self, seq: Sequence, hits: list[int], num_new_tokens: int) -> bool:
         cached_tokens = len(hits) * self.block_size
-        new_blocks = self.blocks_needed(cached_tokens + num_new_tokens) - len(hits)
+        new_blocks = self.blocks_needed(cached_tokens + num_new_tokens
+                                        + self.lookahead_slots) - len(hits)
         revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)
         return new_blocks + revived <= self.num_free_blocks
 
@@ -74,14 +77,17 @@ class BlockManager:
         self.grow(seq, num_new_tokens)
 
     def can_grow(self, seq: Sequence, num_new_tokens: int) -> bool:
-        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens)
+        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens
+                                    + self.lookahead_slots)
         return needed - len(seq.block_table) <= self.num_free_blocks
 
     def grow(self, seq: Sequence, num_new_tokens: int) -> None:
-        known = seq.num_computed_tokens + num_new_tokens
-        needed = self.blocks_needed(known)
+        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens
+                                    + self.lookahead_slots)
         while len(seq.block_table) < needed:
             seq.block_table.append(self._take_free_block())
+        # Only verified tokens may enter the prefix cache, never drafts.
+        known = min(seq.num_computed_tokens + num_new_tokens, seq.num_tokens)
         if known // self.block_size > seq.num_registered_blocks:
             self._register_full_blocks(seq, known)
 

@@ -28,6 +28,7 @@ class EngineConfig:
     enforce_eager: bool = False  # True: no CUDA graphs
     cuda_graph_max_batch: int = 256  # decode batches up to this size replay graphs
     load_format: str = "auto"  # auto: the checkpoint's safetensors; dummy: random weights
+    num_speculative_tokens: int = 0  # k MTP drafts per step (1-4); needs MTP layers
     show_progress: bool = True
 
     @classmethod
@@ -53,6 +54,9 @@ class EngineConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization: must be in (0, 1], "
                              f"got {self.gpu_memory_utilization!r}")
+        if self.num_speculative_tokens not in range(5):
+            raise ValueError(f"num_speculative_tokens: must be 0 (off) to 4, "
+                             f"got {self.num_speculative_tokens!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format: must be 'auto' or 'dummy', got {self.load_format!r}")
         self.torch_device()

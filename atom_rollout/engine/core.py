@@ -20,6 +20,7 @@ from .kv_cache import allocate_kv_cache, num_kv_blocks
 from .model_runner import ModelRunner, StepResult
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .speculation import MTPSpeculator
 
 
 INFLIGHT_POLICIES = ("recompute", "keep", "abort")
@@ -38,29 +39,40 @@ class EngineCore:
             init_dummy_weights(self.model, seed=config.seed or 0)
         else:
             load_checkpoint(self.weight_map, config.model_dir)
-        self.model.init_rotary(self.max_model_len, self.device)
+        self.num_draft = config.num_speculative_tokens
+        if self.num_draft and self.model.mtp is None:
+            raise ValueError("num_speculative_tokens: the checkpoint has no MTP layers "
+                             "(config.json num_nextn_predict_layers)")
+        # Drafts and their chain reach up to 2k positions past the verified tokens.
+        self.model.init_rotary(self.max_model_len + 2 * self.num_draft, self.device)
         self.ops = select_backend(self.device, config.kernel_backend)
         spec = self.model.spec
-        num_blocks = num_kv_blocks(config, spec, self.max_model_len, self.device, self.dtype)
+        kv_layers = spec.num_layers + (1 if self.num_draft else 0)
+        num_blocks = num_kv_blocks(config, spec, self.max_model_len, self.device, self.dtype,
+                                   kv_layers)
         self.kv_cache, kv_views = allocate_kv_cache(spec, num_blocks, config.block_size,
-                                                    self.device, self.dtype)
+                                                    self.device, self.dtype, kv_layers)
         self.block_manager = BlockManager(num_blocks, config.block_size,
-                                          config.enable_prefix_caching)
+                                          config.enable_prefix_caching, self.num_draft)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens)
         self.eos_token_ids = _eos_token_ids(self.hf_config, config.model_dir)
-        self.runner = ModelRunner(self.model, self.ops, kv_views, config.block_size, self.device,
-                                  self.eos_token_ids, config.score_chunk_tokens,
-                                  self._decode_graphs(kv_views))
+        speculator = MTPSpeculator(self.model, self.ops, kv_views[-1], self.num_draft,
+                                   config.block_size, self.device) if self.num_draft else None
+        self.runner = ModelRunner(self.model, self.ops, kv_views[:spec.num_layers],
+                                  config.block_size, self.device, self.eos_token_ids,
+                                  config.score_chunk_tokens,
+                                  self._decode_graphs(kv_views[:spec.num_layers]), speculator)
         self.weight_version = 0
         self._finished_elsewhere: list[Sequence] = []  # e.g. aborted by a weight update
         self._receiver: WeightReceiver | None = None
+        self.drafts_proposed, self.drafts_accepted_at = 0, [0] * self.num_draft
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.seed)
 
     def _decode_graphs(self, kv_views) -> DecodeGraphs | None:
-        if self.device.type != "cuda" or self.config.enforce_eager:
-            return None
+        if self.device.type != "cuda" or self.config.enforce_eager or self.num_draft:
+            return None  # verify steps (k + 1 tokens per sequence) run eagerly for now
         max_batch = min(self.config.cuda_graph_max_batch, self.config.max_num_seqs)
         graphs = DecodeGraphs(self.model, self.ops, kv_views, max_batch, self.max_model_len,
                               self.config.block_size, self.device)
@@ -73,6 +85,9 @@ class EngineCore:
 
     def add_request(self, request_id: str, prompt_ids: list[int],
                     params: SamplingParams) -> list[Sequence]:
+        if self.num_draft and (params.logprobs or params.return_raw_logprobs):
+            field = "logprobs" if params.logprobs else "return_raw_logprobs"
+            raise ValueError(f"{field}: not available with speculative decoding yet")
         max_num_tokens = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
         seqs = [Sequence(next(self._seq_ids), request_id, j, list(prompt_ids), len(prompt_ids),
                          params, max_num_tokens, self._noise_key(params, j))
@@ -125,11 +140,40 @@ class EngineCore:
                 seq.raw_logprobs.append(result.raw_logprobs[row])
             if result.top is not None:
                 seq.top_logprobs.append(result.top[row])
-            reason = self._stop_reason(seq, token)
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
+            if self._finish_if_done(seq, token):
                 finished.append(seq)
+        finished += self._accept_verified(result)
         return finished
+
+    def _accept_verified(self, result: StepResult) -> list[Sequence]:
+        """Speculative steps: emitted tokens in order (stop checks on each), KV kept only
+        up to the last verified token, then the next drafts."""
+        finished = []
+        for verified in result.verified:
+            seq = verified.seq
+            seq.clear_drafts()
+            seq.num_drafts_proposed += self.num_draft
+            seq.num_drafts_accepted += verified.num_accepted
+            self.drafts_proposed += self.num_draft
+            for position in range(verified.num_accepted):
+                self.drafts_accepted_at[position] += 1
+            for token, logprob in zip(verified.token_ids, verified.logprobs):
+                seq.append_token(token, logprob, self.weight_version)
+                if self._finish_if_done(seq, token):
+                    finished.append(seq)
+                    break
+            seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens - 1)
+        for proposal in result.proposals:
+            if not proposal.seq.is_finished:
+                proposal.seq.draft_tokens = proposal.token_ids
+                proposal.seq.draft_logprobs = proposal.logprobs
+        return finished
+
+    def _finish_if_done(self, seq: Sequence, token: int) -> bool:
+        reason = self._stop_reason(seq, token)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+        return reason is not None
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
@@ -205,6 +249,11 @@ class EngineCore:
                 "prefix_cache_hit_tokens": blocks.hit_tokens,
                 "prefix_cache_queried_tokens": blocks.queried_tokens,
                 "num_preemptions": self.scheduler.num_preemptions,
+                "num_speculative_tokens": self.num_draft,
+                "drafts_proposed": self.drafts_proposed,
+                "draft_acceptance_by_position": [
+                    a / max(1, self.drafts_proposed // max(1, self.num_draft))
+                    for a in self.drafts_accepted_at],
                 "kernel_backend": self.ops.name}
 
 

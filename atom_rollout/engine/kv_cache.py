@@ -7,19 +7,21 @@ from ..models import DecoderSpec
 from .config import EngineConfig
 
 
-def block_bytes(spec: DecoderSpec, block_size: int, dtype: torch.dtype) -> int:
-    per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim
+def block_bytes(spec: DecoderSpec, block_size: int, dtype: torch.dtype,
+                num_layers: int | None = None) -> int:
+    per_token = 2 * (num_layers or spec.num_layers) * spec.num_kv_heads * spec.head_dim
     return per_token * block_size * torch.empty((), dtype=dtype).element_size()
 
 
 def num_kv_blocks(config: EngineConfig, spec: DecoderSpec, max_model_len: int,
-                  device: torch.device, dtype: torch.dtype) -> int:
-    blocks_per_seq = -(-max_model_len // config.block_size)
+                  device: torch.device, dtype: torch.dtype, num_layers: int) -> int:
+    lookahead = 2 * config.num_speculative_tokens
+    blocks_per_seq = -(-(max_model_len + lookahead) // config.block_size)
     if config.num_kv_blocks is not None:
         count, field = config.num_kv_blocks, "num_kv_blocks"
     else:
         budget, field = _memory_budget(config, spec, device, dtype), "gpu_memory_utilization"
-        count = min(budget // block_bytes(spec, config.block_size, dtype),
+        count = min(budget // block_bytes(spec, config.block_size, dtype, num_layers),
                     config.max_num_seqs * blocks_per_seq)
         if device.type == "cpu":
             field = "kv_cache_memory_gb"
@@ -48,9 +50,9 @@ def _activation_reserve(config: EngineConfig, spec: DecoderSpec, dtype: torch.dt
 
 
 def allocate_kv_cache(spec: DecoderSpec, num_blocks: int, block_size: int,
-                      device: torch.device, dtype: torch.dtype):
+                      device: torch.device, dtype: torch.dtype, num_layers: int):
     """One zeroed tensor [2, layers, blocks, block_size, kv_heads, head_dim] and
     its per-layer (k, v) views. Zeroed: masked-out slots must hold finite values."""
-    cache = torch.zeros(2, spec.num_layers, num_blocks, block_size, spec.num_kv_heads,
+    cache = torch.zeros(2, num_layers, num_blocks, block_size, spec.num_kv_heads,
                         spec.head_dim, device=device, dtype=dtype)
-    return cache, [(cache[0, i], cache[1, i]) for i in range(spec.num_layers)]
+    return cache, [(cache[0, i], cache[1, i]) for i in range(num_layers)]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ from ..sampler import SamplingTensors, sample
 from ..sampler.noise import row_uniforms
 from .cuda_graphs import DecodeGraphs
 from .scheduler import ScheduledBatch
+from .speculation import MTPSpeculator, Proposal, Verified
 from .sequence import Sequence
 
 
@@ -24,6 +25,8 @@ class StepResult:
     logprobs: list[float]
     raw_logprobs: list[float] | None
     top: list[list[tuple[int, float]]] | None
+    verified: list[Verified] = field(default_factory=list)  # speculative steps only
+    proposals: list[Proposal] = field(default_factory=list)
 
 
 @dataclass
@@ -41,30 +44,53 @@ class _Inputs:
     sample_rows: list[int]  # flat token index whose logits draw the next token
     sample_seqs: list[Sequence]
     score_rows: list[tuple[Sequence, int, int, int]]  # (seq, flat row, position, count)
+    rows: list[tuple[Sequence, int, int, int]]  # generation seqs: (seq, row, start, count)
+    verify_rows: list[tuple[Sequence, int]]  # seqs whose drafts this step verifies
 
 
 class ModelRunner:
     def __init__(self, model: DecoderForCausalLM, ops: KernelOps, kv_caches, block_size: int,
                  device: torch.device, eos_token_ids: frozenset[int], score_chunk_tokens: int,
-                 graphs: DecodeGraphs | None = None):
+                 graphs: DecodeGraphs | None = None, speculator: MTPSpeculator | None = None):
         self.model, self.ops, self.kv_caches = model, ops, kv_caches
         self.block_size, self.device = block_size, device
         self.eos_token_ids = eos_token_ids
         self.score_chunk_tokens = score_chunk_tokens
         self.graphs = graphs
+        self.speculator = speculator
         self.fused_sampling = ops.name == "triton"
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
         inputs = self._prepare(batch)
+        hidden = None
         if self._is_graph_step(batch):
             logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.slot_mapping,
                                      inputs.context_lens, inputs.block_tables)
         else:
-            logits = self._eager_forward(inputs)
-        if logits is None:
-            return StepResult([], [], [], [], None)
-        return self._to_host(inputs.sample_seqs, self._sample(logits, inputs.sample_seqs))
+            hidden, logits = self._eager_forward(inputs)
+        result = StepResult([], [], [], None, None) if logits is None else \
+            self._to_host(inputs.sample_seqs, self._sample(logits, inputs.sample_seqs))
+        if self.speculator is not None:
+            self._speculate(hidden, inputs, result)
+        return result
+
+    def _speculate(self, hidden: torch.Tensor, inputs: _Inputs, result: StepResult) -> None:
+        """Verify this step's drafts, then give every sequence with a fresh token k new ones."""
+        result.verified = self.speculator.verify(hidden, inputs.verify_rows)
+        fresh = {id(s): [t] for s, t in zip(result.sampled_seqs, result.token_ids)}
+        fresh.update({id(v.seq): v.token_ids for v in result.verified})
+        catch_up, drafting, counters = [], [], {}
+        for seq, row0, start, count in inputs.rows:
+            new = fresh.get(id(seq))
+            if new is None:  # a prefill chunk: its next tokens are all prompt tokens
+                catch_up.append((seq, row0, start, seq.token_ids[start + 1:start + count + 1]))
+                continue
+            known = new if seq.draft_tokens else seq.token_ids[start + 1:start + count] + new
+            catch_up.append((seq, row0, start, known))
+            drafting.append(seq)
+            counters[id(seq)] = seq.num_output_tokens + len(new)
+        result.proposals = self.speculator.propose(hidden, catch_up, drafting, counters)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]):
         tensors = self._sampling_tensors(seqs)
@@ -80,11 +106,11 @@ class ModelRunner:
             return sample(logits, tensors)
 
     def _is_graph_step(self, batch: ScheduledBatch) -> bool:
-        return (self.graphs is not None and len(batch.seqs) <= self.graphs.max_batch
+        return (self.graphs is not None and self.speculator is None and len(batch.seqs) <= self.graphs.max_batch
                 and batch.num_tokens == len(batch.seqs)
                 and not any(seq.is_score for seq in batch.seqs))
 
-    def _eager_forward(self, inputs: _Inputs) -> torch.Tensor | None:
+    def _eager_forward(self, inputs: _Inputs):
         up = self._upload
         meta = AttentionMetadata(up(inputs.slot_mapping), up(inputs.query_start_loc),
                                  up(inputs.context_lens), up(inputs.block_tables),
@@ -93,16 +119,17 @@ class ModelRunner:
                             self.kv_caches, meta)
         self._score(hidden, inputs.score_rows)
         if not inputs.sample_seqs:
-            return None
-        return self.model.compute_logits(hidden[up(torch.tensor(inputs.sample_rows))])
+            return hidden, None
+        return hidden, self.model.compute_logits(hidden[up(torch.tensor(inputs.sample_rows))])
 
     def _prepare(self, batch: ScheduledBatch) -> _Inputs:
         input_ids, positions, slots, context_lens, query_start = [], [], [], [], [0]
-        sample_rows, sample_seqs, score_rows = [], [], []
+        sample_rows, sample_seqs, score_rows, rows, verify_rows = [], [], [], [], []
         bs = self.block_size
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
             start, end, row0 = seq.num_computed_tokens, seq.num_computed_tokens + num_new, len(input_ids)
-            input_ids.extend(seq.token_ids[start:end])
+            tokens = seq.token_ids + seq.draft_tokens if seq.draft_tokens else seq.token_ids
+            input_ids.extend(tokens[start:end])
             positions.extend(range(start, end))
             table = seq.block_table
             if num_new == 1:  # decode: the common case, kept cheap
@@ -116,6 +143,10 @@ class ModelRunner:
                 count = min(end, seq.num_tokens - 1) - first
                 if count > 0:
                     score_rows.append((seq, row0 + first - start, first, count))
+                continue
+            rows.append((seq, row0, start, num_new))
+            if seq.draft_tokens:
+                verify_rows.append((seq, row0))
             elif end == seq.num_tokens:
                 sample_rows.append(row0 + num_new - 1)
                 sample_seqs.append(seq)
@@ -128,7 +159,7 @@ class ModelRunner:
                        as_tensor(context_lens, dtype=torch.int32),
                        tables,
                        max(batch.num_new_tokens), max(context_lens),
-                       sample_rows, sample_seqs, score_rows)
+                       sample_rows, sample_seqs, score_rows, rows, verify_rows)
 
     def _upload(self, host: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu":

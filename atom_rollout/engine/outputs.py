@@ -16,6 +16,8 @@ class SampleOutput:
     raw_logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     num_cached_tokens: int = 0
+    num_drafts_proposed: int = 0  # speculative decoding: drafts verified for this sample
+    num_drafts_accepted: int = 0
 
     @classmethod
     def from_sequence(cls, seq: Sequence, weight_version: int) -> "SampleOutput":
@@ -23,7 +25,8 @@ class SampleOutput:
         return cls(seq.output_token_ids, seq.logprobs, seq.finish_reason or "abort",
                    spans[-1][0] if spans else weight_version, spans,
                    seq.raw_logprobs if seq.params.return_raw_logprobs else None,
-                   seq.top_logprobs if seq.params.logprobs else None, seq.num_cached_tokens)
+                   seq.top_logprobs if seq.params.logprobs else None, seq.num_cached_tokens,
+                   seq.num_drafts_proposed, seq.num_drafts_accepted)
 
 
 @dataclass

@@ -45,7 +45,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if seq.draft_tokens and seq.num_pending_tokens > budget:
+                seq.clear_drafts()  # a verify step is never split across steps
+            num_new = min(seq.num_pending_tokens, budget)
             while not self.blocks.can_grow(seq, num_new) and self.running[-1] is not seq:
                 self.preempt(self.running[-1])
             if not self.blocks.can_grow(seq, num_new):
@@ -79,6 +81,7 @@ class Scheduler:
         self.blocks.release(seq)
         seq.num_computed_tokens = 0
         seq.cacheable = True  # recomputed KV is clean again
+        seq.clear_drafts()
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -40,10 +40,22 @@ class Sequence:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     score_pieces: list = field(default_factory=list)  # score mode: logprob chunks
     version_spans: list[list[int]] = field(default_factory=list)  # [version, start, end)
+    draft_tokens: list[int] = field(default_factory=list)  # speculative, not yet verified
+    draft_logprobs: object = None  # [k, V] tensor: the processed draft distributions
+    num_drafts_proposed: int = 0
+    num_drafts_accepted: int = 0
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens (drafts included) whose KV this sequence still has to compute."""
+        return self.num_tokens + len(self.draft_tokens) - self.num_computed_tokens
+
+    def clear_drafts(self) -> None:
+        self.draft_tokens, self.draft_logprobs = [], None
 
     @property
     def num_output_tokens(self) -> int:
