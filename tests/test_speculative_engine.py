@@ -145,3 +145,40 @@ def test_draft_equal_to_target_is_always_accepted(mtp_checkpoint, temperature):
             expected = raw.gather(-1, torch.tensor(sample.token_ids)[:, None])[:, 0]
             assert torch.allclose(torch.tensor(sample.logprobs), expected, atol=1e-4)
     assert stats["free_kv_blocks"] == stats["num_kv_blocks"]
+
+
+def test_speculation_survives_preemption_and_prefix_sharing(mtp_checkpoint):
+    model_dir, _ = mtp_checkpoint
+    prompts = [list(range(3 + i, 30 + i)) for i in range(4)] + [list(range(3, 30))] * 2
+    greedy = SamplingParams(n=2, temperature=0, max_tokens=40, ignore_eos=True)
+    plain = RolloutEngine(model_dir, show_progress=False).generate_batch(prompts, greedy)
+    tight = RolloutEngine(model_dir, show_progress=False, num_speculative_tokens=2,
+                          num_kv_blocks=14, max_model_len=96, max_num_batched_tokens=48)
+    spec = tight.generate_batch(prompts, greedy)
+    stats = tight.stats()
+    assert stats["num_preemptions"] > 0 and stats["prefix_cache_hit_tokens"] > 0
+    assert [[s.token_ids for s in o.samples] for o in spec] == \
+        [[s.token_ids for s in o.samples] for o in plain]
+    assert stats["free_kv_blocks"] == stats["num_kv_blocks"]
+
+
+def test_seeded_speculative_samples_are_reproducible(mtp_checkpoint):
+    model_dir, _ = mtp_checkpoint
+    engine = RolloutEngine(model_dir, show_progress=False, num_speculative_tokens=2)
+    seeded = SamplingParams(n=2, temperature=1.0, max_tokens=16, ignore_eos=True, seed=99)
+    other = SamplingParams(n=3, temperature=0.8, max_tokens=12, ignore_eos=True)
+    alone = engine.generate_batch([[5, 6, 7]], seeded)[0]
+    mixed = engine.generate_batch([[9] * 5, [5, 6, 7]], [other, seeded])[1]
+    assert [s.token_ids for s in alone.samples] == [s.token_ids for s in mixed.samples]
+
+
+def test_speculation_needs_mtp_layers_and_rejects_logprob_extras(llama, mtp_checkpoint):
+    with pytest.raises(ValueError, match="^num_speculative_tokens: the checkpoint has no MTP"):
+        RolloutEngine(llama[0], num_speculative_tokens=2)
+    with pytest.raises(ValueError, match="^num_speculative_tokens: must be"):
+        RolloutEngine(mtp_checkpoint[0], num_speculative_tokens=5)
+    engine = RolloutEngine(mtp_checkpoint[0], show_progress=False, num_speculative_tokens=1)
+    with pytest.raises(ValueError, match="^logprobs: not available"):
+        engine.generate_batch([[4, 5], [6, 7]], [SamplingParams(), SamplingParams(logprobs=2)])
+    assert not engine.core.has_work()  # nothing was queued
+    assert engine.generate_batch([[4, 5]], SamplingParams(max_tokens=3))[0].samples[0].token_ids

@@ -83,11 +83,15 @@ class EngineCore:
     def vocab_size(self) -> int:
         return self.model.spec.vocab_size
 
-    def add_request(self, request_id: str, prompt_ids: list[int],
-                    params: SamplingParams) -> list[Sequence]:
+    def check_params(self, params: SamplingParams) -> None:
+        """What this engine's configuration cannot serve (checked before anything is queued)."""
         if self.num_draft and (params.logprobs or params.return_raw_logprobs):
             field = "logprobs" if params.logprobs else "return_raw_logprobs"
             raise ValueError(f"{field}: not available with speculative decoding yet")
+
+    def add_request(self, request_id: str, prompt_ids: list[int],
+                    params: SamplingParams) -> list[Sequence]:
+        self.check_params(params)
         max_num_tokens = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
         seqs = [Sequence(next(self._seq_ids), request_id, j, list(prompt_ids), len(prompt_ids),
                          params, max_num_tokens, self._noise_key(params, j))

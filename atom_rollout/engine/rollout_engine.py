@@ -49,6 +49,7 @@ class RolloutEngine:
         per_prompt = self._params_per_prompt(params, len(prompt_ids))
         for index, (ids, p) in enumerate(zip(prompt_ids, per_prompt)):
             self._check_length(f"prompts[{index}]", len(ids), reserve=1)
+            self.core.check_params(p)
         requests = [(f"gen-{next(self._request_ids)}", ids, p)
                     for ids, p in zip(prompt_ids, per_prompt)]
         seqs = [self.core.add_request(*request) for request in requests]
