@@ -182,3 +182,33 @@ def test_speculation_needs_mtp_layers_and_rejects_logprob_extras(llama, mtp_chec
         engine.generate_batch([[4, 5], [6, 7]], [SamplingParams(), SamplingParams(logprobs=2)])
     assert not engine.core.has_work()  # nothing was queued
     assert engine.generate_batch([[4, 5]], SamplingParams(max_tokens=3))[0].samples[0].token_ids
+
+
+def test_online_mtp_training_raises_acceptance_after_a_weight_update(mtp_checkpoint):
+    """Self-distil the MTP head on the policy's own greedy rollouts (rl/mtp_head.py),
+    push it with update_weights, and the engine's draft acceptance goes up."""
+    from atom_rollout.rl.mtp_head import MTPHead
+    model_dir, model = mtp_checkpoint
+    prompts = [[5 + i, 9, 14 + i, 3] for i in range(8)]
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    engine = RolloutEngine(model_dir, show_progress=False, num_speculative_tokens=2)
+    rollouts = engine.generate_batch(prompts, greedy)
+    core = engine.core
+    proposed, accepted = core.drafts_proposed, core.drafts_accepted_at[0]
+    before = accepted / (proposed / 2)
+    ids = torch.tensor([p + o.samples[0].token_ids for p, o in zip(prompts, rollouts)])
+    torch.manual_seed(0)
+    head = MTPHead(model)
+    optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
+    with torch.no_grad():
+        hidden = model.model(ids).last_hidden_state
+    for _ in range(80):
+        loss = head.loss(ids, hidden)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    engine.update_weights(head.named_tensors())
+    second = engine.generate_batch(prompts, greedy)
+    after = (core.drafts_accepted_at[0] - accepted) / ((core.drafts_proposed - proposed) / 2)
+    assert after > before + 0.2, (before, after)  # first-draft acceptance, second run alone
+    assert [o.samples[0].token_ids for o in second] == [o.samples[0].token_ids for o in rollouts]
