@@ -1,0 +1,105 @@
+"""Train an MTP draft head for a checkpoint by self-distillation, save it in the
+checkpoint's own directory (our layout, see atom_rollout/models/mtp.py) and print the
+engine's draft acceptance per position with it.
+
+    python scripts/train_mtp_head.py MODEL_DIR [--device cuda] [--steps 300]
+
+Data: the model's own sampled continuations (temperature 1) of arithmetic prompts, made
+with the rollout engine. The head is `atom_rollout.rl.mtp_head.MTPHead`, the same layer
+the engine drafts with; the policy stays frozen.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from atom_rollout import RolloutEngine, SamplingParams
+from atom_rollout.rl.mtp_head import MTPHead
+from atom_rollout.rl.rollout import encode_prompt
+from atom_rollout.rl.tasks import TaskConfig, arithmetic_rows
+
+
+def distillation_data(model_dir: str, args) -> list[list[int]]:
+    engine = RolloutEngine(model_dir, device=args.device, show_progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = arithmetic_rows(TaskConfig(num=args.prompts, template=args.template, seed=1))
+    prompts = [encode_prompt(tokenizer, row["prompt"]) for row in rows]
+    outs = engine.generate_batch(prompts, SamplingParams(n=args.n, temperature=1.0,
+                                                         max_tokens=args.max_tokens))
+    return [p + s.token_ids for p, o in zip(prompts, outs) for s in o.samples]
+
+
+def train(policy, sequences: list[list[int]], args) -> MTPHead:
+    head = MTPHead(policy).float()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(args.steps):
+        batch = [sequences[i] for i in torch.randint(len(sequences), (args.batch,),
+                                                     generator=generator).tolist()]
+        width = max(len(s) for s in batch)
+        ids = torch.tensor([s + [0] * (width - len(s)) for s in batch], device=args.device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch],
+                            device=args.device, dtype=torch.bool)
+        with torch.no_grad():
+            hidden = policy.model(ids).last_hidden_state
+        loss = head.loss(ids, hidden.float(), mask)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % max(1, args.steps // 10) == 0 or step == args.steps - 1:
+            print(f"step {step:4d}  mtp loss {loss.item():.3f}")
+    return head
+
+
+def save_head(model_dir: str, head: MTPHead) -> None:
+    tensors = {name: t.to(torch.bfloat16).cpu().contiguous() for name, t in head.named_tensors()}
+    save_file(tensors, os.path.join(model_dir, "mtp.safetensors"))
+    path = os.path.join(model_dir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["num_nextn_predict_layers"] = 1
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def acceptance(model_dir: str, args, k: int) -> dict:
+    engine = RolloutEngine(model_dir, device=args.device, show_progress=False,
+                           num_speculative_tokens=k)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = arithmetic_rows(TaskConfig(num=64, template=args.template, seed=2))
+    prompts = [encode_prompt(tokenizer, row["prompt"]) for row in rows]
+    start = time.perf_counter()
+    engine.generate_batch(prompts, SamplingParams(temperature=1.0, max_tokens=args.max_tokens))
+    stats = engine.stats()
+    return {"k": k, "acceptance_by_position": stats["draft_acceptance_by_position"],
+            "seconds": time.perf_counter() - start}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--prompts", type=int, default=512)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--k", type=int, default=3)
+    parser.add_argument("--template", default="{a}{op}{b}=")
+    args = parser.parse_args(argv)
+    sequences = distillation_data(args.model_dir, args)
+    policy = AutoModelForCausalLM.from_pretrained(args.model_dir).to(args.device).eval()
+    policy.requires_grad_(False)
+    save_head(args.model_dir, train(policy, sequences, args))
+    print(json.dumps(acceptance(args.model_dir, args, args.k)))
+
+
+if __name__ == "__main__":
+    main()
