@@ -12,7 +12,7 @@ from ..sampler import SamplingParams
 from .client import CoreClient
 from .config import EngineConfig
 from .outputs import RolloutOutput, SampleOutput
-from .prompt_check import check_length, check_token_ids
+from .prompt_check import check_length, check_params, check_token_ids
 from .protocol import EngineDeadError, SampleDelta
 
 
@@ -107,6 +107,7 @@ class AsyncRolloutEngine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
+        check_params(params, self.config.num_speculative_tokens)
         request_id = request_id or f"gen-{next(self._request_ids)}"
         return self.prompt_ids(prompt), params, request_id
 

@@ -20,6 +20,7 @@ from .kv_cache import allocate_kv_cache, num_kv_blocks
 from .model_runner import ModelRunner, StepResult
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .prompt_check import check_params
 from .speculation import MTPSpeculator
 
 
@@ -85,9 +86,7 @@ class EngineCore:
 
     def check_params(self, params: SamplingParams) -> None:
         """What this engine's configuration cannot serve (checked before anything is queued)."""
-        if self.num_draft and (params.logprobs or params.return_raw_logprobs):
-            field = "logprobs" if params.logprobs else "return_raw_logprobs"
-            raise ValueError(f"{field}: not available with speculative decoding yet")
+        check_params(params, self.num_draft)
 
     def add_request(self, request_id: str, prompt_ids: list[int],
                     params: SamplingParams) -> list[Sequence]:

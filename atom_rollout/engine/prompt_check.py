@@ -31,3 +31,10 @@ def check_length(field: str, length: int, reserve: int, max_model_len: int) -> N
     if length + reserve > max_model_len:
         raise ValueError(f"{field}: length {length} leaves no room under "
                          f"max_model_len={max_model_len}")
+
+
+def check_params(params, num_speculative_tokens: int) -> None:
+    """SamplingParams this engine configuration cannot serve."""
+    if num_speculative_tokens and (params.logprobs or params.return_raw_logprobs):
+        field = "logprobs" if params.logprobs else "return_raw_logprobs"
+        raise ValueError(f"{field}: not available with speculative decoding yet")
