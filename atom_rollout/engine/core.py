@@ -32,22 +32,37 @@ class EngineCore:
         self.config = config
         self.device, self.dtype = config.torch_device(), config.torch_dtype()
         self.hf_config = AutoConfig.from_pretrained(config.model_dir)
-        self.model = build_model(self.hf_config)
         self.max_model_len = _max_model_len(self.hf_config, config.max_model_len)
-        self.model.to(device=self.device, dtype=self.dtype)
-        self.weight_map = WeightMap(self.model)
-        if config.load_format == "dummy":
-            init_dummy_weights(self.model, seed=config.seed or 0)
-        else:
-            load_checkpoint(self.weight_map, config.model_dir)
         self.num_draft = config.num_speculative_tokens
-        if self.num_draft and self.model.mtp is None:
+        self.model, self.weight_map = self._load_model()
+        self.ops = select_backend(self.device, config.kernel_backend)
+        self.eos_token_ids = _eos_token_ids(self.hf_config, config.model_dir)
+        self.runner = self._build_cache_and_runner()
+        self.weight_version = 0
+        self._finished_elsewhere: list[Sequence] = []  # e.g. aborted by a weight update
+        self._receiver: WeightReceiver | None = None
+        self.drafts_proposed, self.drafts_accepted_at = 0, [0] * self.num_draft
+        self._seq_ids = itertools.count()
+        self._rng = random.Random(self.config.seed)
+
+    def _load_model(self):
+        model = build_model(self.hf_config)
+        if self.num_draft and model.mtp is None:
             raise ValueError("num_speculative_tokens: the checkpoint has no MTP layers "
                              "(config.json num_nextn_predict_layers)")
+        model.to(device=self.device, dtype=self.dtype)
+        weight_map = WeightMap(model)
+        if self.config.load_format == "dummy":
+            init_dummy_weights(model, seed=self.config.seed or 0)
+        else:
+            load_checkpoint(weight_map, self.config.model_dir)
         # Drafts and their chain reach up to 2k positions past the verified tokens.
-        self.model.init_rotary(self.max_model_len + 2 * self.num_draft, self.device)
-        self.ops = select_backend(self.device, config.kernel_backend)
-        spec = self.model.spec
+        model.init_rotary(self.max_model_len + 2 * self.num_draft, self.device)
+        return model, weight_map
+
+    def _build_cache_and_runner(self) -> ModelRunner:
+        """KV cache (plus one layer for the MTP draft), block manager, scheduler, runner."""
+        config, spec = self.config, self.model.spec
         kv_layers = spec.num_layers + (1 if self.num_draft else 0)
         num_blocks = num_kv_blocks(config, spec, self.max_model_len, self.device, self.dtype,
                                    kv_layers)
@@ -57,19 +72,12 @@ class EngineCore:
                                           config.enable_prefix_caching, self.num_draft)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens)
-        self.eos_token_ids = _eos_token_ids(self.hf_config, config.model_dir)
         speculator = MTPSpeculator(self.model, self.ops, kv_views[-1], self.num_draft,
                                    config.block_size, self.device) if self.num_draft else None
-        self.runner = ModelRunner(self.model, self.ops, kv_views[:spec.num_layers],
-                                  config.block_size, self.device, self.eos_token_ids,
-                                  config.score_chunk_tokens,
-                                  self._decode_graphs(kv_views[:spec.num_layers]), speculator)
-        self.weight_version = 0
-        self._finished_elsewhere: list[Sequence] = []  # e.g. aborted by a weight update
-        self._receiver: WeightReceiver | None = None
-        self.drafts_proposed, self.drafts_accepted_at = 0, [0] * self.num_draft
-        self._seq_ids = itertools.count()
-        self._rng = random.Random(config.seed)
+        main_views = kv_views[:spec.num_layers]
+        return ModelRunner(self.model, self.ops, main_views, config.block_size, self.device,
+                           self.eos_token_ids, config.score_chunk_tokens,
+                           self._decode_graphs(main_views), speculator)
 
     def _decode_graphs(self, kv_views) -> DecodeGraphs | None:
         if self.device.type != "cuda" or self.config.enforce_eager or self.num_draft:
