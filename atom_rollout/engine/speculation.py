@@ -17,6 +17,7 @@ import torch
 from ..kernels import AttentionMetadata, KernelOps
 from ..sampler.noise import row_uniforms
 from ..sampler.processing import processed_logprobs
+from ..sampler.sampler import inverse_cdf
 from ..sampler.speculative import verify
 from .sequence import Sequence
 
@@ -143,12 +144,7 @@ class MTPSpeculator:
         return torch.where(greedy, torch.log_softmax(logits, dim=-1), logp)
 
     def _draw(self, logp, seqs, counters, salt) -> torch.Tensor:
-        cdf = logp.double().exp().cumsum(dim=-1)
-        target = self._uniforms(seqs, counters, salt) * cdf[:, -1]
-        token = torch.searchsorted(cdf, target[:, None], right=True)[:, 0]
-        token = token.clamp(max=logp.shape[-1] - 1)
-        outside = logp.gather(-1, token[:, None])[:, 0] == float("-inf")
-        token = torch.where(outside, logp.argmax(dim=-1), token)
+        token = inverse_cdf(logp, self._uniforms(seqs, counters, salt))
         return torch.where(self._greedy(seqs), logp.argmax(dim=-1), token)
 
     def _uniforms(self, seqs, counters, salt) -> torch.Tensor:

@@ -50,7 +50,7 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
         return _output(tokens, raw, raw, st)
     logp = processed_logprobs(logits, st.temperature, st.top_k, st.top_p, st.min_p,
                               st.use_sort, st.use_min_p)
-    tokens = _inverse_cdf(logp, st.uniforms)
+    tokens = inverse_cdf(logp, st.uniforms)
     if st.any_greedy:
         greedy = (st.temperature == 0)[:, None]
         tokens = torch.where(greedy[:, 0], logits.argmax(dim=-1), tokens)
@@ -68,7 +68,8 @@ def _output(tokens: torch.Tensor, logp: torch.Tensor, raw: torch.Tensor | None,
     return SamplerOutput(tokens, logp.gather(-1, picked)[:, 0], raw_lp, top_ids, top_lp)
 
 
-def _inverse_cdf(logp: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+def inverse_cdf(logp: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """The first token whose cumulative probability exceeds each row's uniform."""
     cdf = logp.double().exp().cumsum(dim=-1)
     target = uniforms * cdf[:, -1]
     tokens = torch.searchsorted(cdf, target[:, None], right=True)[:, 0]
