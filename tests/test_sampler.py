@@ -3,12 +3,11 @@ import torch
 from scipy.stats import kstest
 
 from atom_rollout.sampler import processed_logprobs
-from atom_rollout.sampler.noise import row_uniforms, sample_key
+from atom_rollout.sampler.noise import row_uniforms, sample_key, signed64
 
 
 def test_row_uniforms_are_uniform_and_independent():
-    keys = torch.tensor([sample_key(7, j) - (1 << 64) * (sample_key(7, j) >= (1 << 63))
-                         for j in range(64)], dtype=torch.int64)
+    keys = torch.tensor([signed64(sample_key(7, j)) for j in range(64)], dtype=torch.int64)
     draws = torch.stack([row_uniforms(keys, torch.full((64,), i)) for i in range(200)])
     assert kstest(draws.flatten().numpy(), "uniform").pvalue > 1e-3
     assert ((draws > 0) & (draws < 1)).all()

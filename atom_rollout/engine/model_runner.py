@@ -11,7 +11,7 @@ import torch
 from ..kernels import AttentionMetadata, KernelOps
 from ..models import DecoderForCausalLM
 from ..sampler import SamplingTensors, sample
-from ..sampler.noise import row_uniforms
+from ..sampler.noise import row_uniforms, signed64
 from .cuda_graphs import DecodeGraphs
 from .scheduler import ScheduledBatch
 from .speculation import MTPSpeculator, Proposal, Verified
@@ -187,7 +187,7 @@ class ModelRunner:
                   if s.num_output_tokens < s.params.min_tokens
                   for token in self._stop_tokens(s)]
         greedy = [p.greedy for p in params]
-        keys = torch.tensor([_signed64(s.noise_key) for s in seqs], dtype=torch.int64)
+        keys = torch.tensor([signed64(s.noise_key) for s in seqs], dtype=torch.int64)
         counters = torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64)
         return SamplingTensors(
             temperature=self._tensor([p.temperature for p in params], torch.float32),
@@ -219,10 +219,6 @@ class ModelRunner:
             top = [list(zip(ids[r], lps[r]))[:seqs[r].params.logprobs or 0]
                    for r in range(len(seqs))]
         return StepResult(seqs, host[0], host[1], host[2] if len(host) > 2 else None, top)
-
-
-def _signed64(value: int) -> int:
-    return value - (1 << 64) if value >= (1 << 63) else value
 
 
 def _padded_tables(tables: list[list[int]]) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import AttentionMetadata, KernelOps
-from ..sampler.noise import row_uniforms
+from ..sampler.noise import row_uniforms, signed64
 from ..sampler.processing import processed_logprobs
 from ..sampler.sampler import inverse_cdf
 from ..sampler.speculative import verify
@@ -148,13 +148,9 @@ class MTPSpeculator:
         return torch.where(self._greedy(seqs), logp.argmax(dim=-1), token)
 
     def _uniforms(self, seqs, counters, salt) -> torch.Tensor:
-        keys = torch.tensor([_signed(s.noise_key ^ _SPEC_KEY) for s in seqs], dtype=torch.int64)
+        keys = torch.tensor([signed64(s.noise_key ^ _SPEC_KEY) for s in seqs], dtype=torch.int64)
         steps = torch.tensor([c * 16 + salt for c in counters], dtype=torch.int64)
         return row_uniforms(keys, steps).to(self.device)
 
     def _greedy(self, seqs) -> torch.Tensor:
         return torch.tensor([s.params.greedy for s in seqs], device=self.device)
-
-
-def _signed(value: int) -> int:
-    return value - (1 << 64) if value >= (1 << 63) else value

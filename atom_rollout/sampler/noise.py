@@ -20,6 +20,11 @@ def sample_key(seed: int, sample_index: int) -> int:
     return int.from_bytes(digest, "little")
 
 
+def signed64(value: int) -> int:
+    """A 64-bit key as the int64 torch stores."""
+    return value - (1 << 64) if value >= (1 << 63) else value
+
+
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _MASK32
