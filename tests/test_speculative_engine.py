@@ -181,6 +181,8 @@ def test_speculation_needs_mtp_layers_and_rejects_logprob_extras(llama, mtp_chec
     with pytest.raises(ValueError, match="^logprobs: not available"):
         engine.generate_batch([[4, 5], [6, 7]], [SamplingParams(), SamplingParams(logprobs=2)])
     assert not engine.core.has_work()  # nothing was queued
+    with pytest.raises(ValueError, match="^min_tokens: not available"):
+        engine.generate_batch([[4, 5]], SamplingParams(min_tokens=2, max_tokens=4))
     assert engine.generate_batch([[4, 5]], SamplingParams(max_tokens=3))[0].samples[0].token_ids
 
 

@@ -35,6 +35,8 @@ def check_length(field: str, length: int, reserve: int, max_model_len: int) -> N
 
 def check_params(params, num_speculative_tokens: int) -> None:
     """SamplingParams this engine configuration cannot serve."""
-    if num_speculative_tokens and (params.logprobs or params.return_raw_logprobs):
-        field = "logprobs" if params.logprobs else "return_raw_logprobs"
-        raise ValueError(f"{field}: not available with speculative decoding yet")
+    if not num_speculative_tokens:
+        return
+    for field in ("logprobs", "return_raw_logprobs", "min_tokens"):
+        if getattr(params, field):
+            raise ValueError(f"{field}: not available with speculative decoding yet")
