@@ -155,3 +155,19 @@ def test_inflight_abort_ends_samples_with_tokens_so_far(checkpoints):
     assert all(s.finish_reason == "abort" for s in seqs)
     assert sorted(s.num_output_tokens for s in seqs)[-1] == 6
     assert engine.stats()["free_kv_blocks"] == engine.stats()["num_kv_blocks"]
+
+
+def test_sleep_and_wake_up_around_a_weight_update(checkpoints):
+    model_dir, model = checkpoints["llama"]
+    engine = RolloutEngine(model_dir, show_progress=False)
+    engine.generate_batch(PROMPTS, GREEDY)
+    engine.sleep(offload_weights=True)
+    assert engine.core.kv_cache is None
+    with pytest.raises(RuntimeError, match="asleep: call wake_up"):
+        engine.generate_batch(PROMPTS, GREEDY)
+    new_model, named = perturbed(model, seed=6)
+    assert engine.update_weights(named) == 1  # applies while asleep
+    engine.wake_up()
+    outs = engine.generate_batch(PROMPTS, GREEDY)
+    assert [o.samples[0].token_ids for o in outs] == [hf_greedy(new_model, p, 12) for p in PROMPTS]
+    assert engine.stats()["free_kv_blocks"] == engine.stats()["num_kv_blocks"]

@@ -79,6 +79,26 @@ class EngineCore:
                            self.eos_token_ids, config.score_chunk_tokens,
                            self._decode_graphs(main_views), speculator)
 
+    @property
+    def asleep(self) -> bool:
+        return self.runner is None
+
+    def sleep(self, offload_weights: bool = False) -> None:
+        """Release the KV cache (and CUDA graphs), optionally moving the weights to host
+        memory, so a colocated trainer can use the GPU; wake_up() restores both."""
+        if self.scheduler.has_work():
+            raise RuntimeError("sleep: requests are still in flight; finish or abort them")
+        self.runner = self.kv_cache = None
+        if offload_weights:
+            self.model.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def wake_up(self) -> None:
+        if self.asleep:
+            self.model.to(self.device)
+            self.runner = self._build_cache_and_runner()
+
     def _decode_graphs(self, kv_views) -> DecodeGraphs | None:
         if self.device.type != "cuda" or self.config.enforce_eager or self.num_draft:
             return None  # verify steps (k + 1 tokens per sequence) run eagerly for now
@@ -129,6 +149,8 @@ class EngineCore:
         finished, self._finished_elsewhere = self._finished_elsewhere, []
         if not self.scheduler.has_work():
             return finished
+        if self.asleep:
+            raise RuntimeError("the engine is asleep: call wake_up() first")
         batch = self.scheduler.schedule()
         if not batch.seqs:
             raise RuntimeError("scheduler made no progress: the KV cache cannot hold the "

@@ -100,6 +100,16 @@ class RolloutEngine:
         with self._lock:
             self.core.reset_prefix_cache()
 
+    def sleep(self, offload_weights: bool = False) -> None:
+        """Free the KV cache (and, with offload_weights, move the weights to host memory)
+        between rollouts; weight updates still work while asleep."""
+        with self._lock:
+            self.core.sleep(offload_weights)
+
+    def wake_up(self) -> None:
+        with self._lock:
+            self.core.wake_up()
+
     def init_weight_sync(self, master_address: str, master_port: int, rank_offset: int,
                          world_size: int, backend: str = "nccl", timeout_s: float = 600.0) -> None:
         """Join a trainer's WeightSender group (trainer rank 0, this engine rank_offset)."""
