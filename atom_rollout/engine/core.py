@@ -22,6 +22,7 @@ from .scheduler import Scheduler
 from .sequence import Sequence
 from .prompt_check import check_params
 from .speculation import MTPSpeculator
+from .streamed_update import StreamedUpdate
 
 
 INFLIGHT_POLICIES = ("recompute", "keep", "abort")
@@ -224,12 +225,12 @@ class EngineCore:
                        check_finite: bool = True) -> int:
         """Validate everything, then write in place, bump the version, drop every
         prefix-cache entry and apply the in-flight policy. Returns the version."""
-        if inflight not in INFLIGHT_POLICIES:
-            raise ValueError(f"inflight: {inflight!r} is not one of {INFLIGHT_POLICIES}")
-        if version is not None and (not isinstance(version, int) or version < 0):
-            raise ValueError(f"version: must be a non-negative integer, got {version!r}")
+        _check_update_args(inflight, version)
         plan = self.weight_map.plan(named_tensors, partial=partial, check_finite=check_finite)
         WeightMap.apply(plan)
+        return self._weights_changed(version, inflight)
+
+    def _weights_changed(self, version: int | None, inflight: str) -> int:
         self.weight_version = self.weight_version + 1 if version is None else version
         self.block_manager.reset_prefix_cache()
         self._finished_elsewhere += self.scheduler.on_weights_changed(inflight)
@@ -260,9 +261,30 @@ class EngineCore:
             raise RuntimeError("receive_weights: call init_weight_sync first")
         return self._receiver.receive(timeout_s)
 
-    def receive_weights(self, timeout_s: float | None = None, **options) -> int:
-        update = self.receive_update(timeout_s)
-        return self.update_weights(update.named_tensors, update.version, **options)
+    def receive_weights(self, timeout_s: float | None = None, inflight: str = "recompute",
+                        partial: bool = True, check_finite: bool = True) -> int:
+        """Receive one broadcast, writing each bucket into the model as it lands (see
+        streamed_update.py); any failure leaves the old weights. No step may run until
+        this returns. Returns the new version."""
+        _check_update_args(inflight, None)
+        if self._receiver is None:
+            raise RuntimeError("receive_weights: call init_weight_sync first")
+        if not self._params_on(self._receiver.device):  # e.g. asleep with weights offloaded
+            update = self.receive_update(timeout_s)
+            return self.update_weights(update.named_tensors, update.version, inflight,
+                                       partial, check_finite)
+        streamed = StreamedUpdate(self.weight_map, partial, check_finite)
+        try:
+            received = self._receiver.receive(timeout_s, on_bucket=streamed.apply_bucket,
+                                              on_plan=streamed.check_plan)
+            streamed.commit()
+        except BaseException:
+            streamed.rollback()
+            raise
+        return self._weights_changed(received.version, inflight)
+
+    def _params_on(self, device: torch.device) -> bool:
+        return all(p.device == device for p in self.model.parameters())
 
     def update_weights_from_ipc(self, payload: IpcPayload, **options) -> int:
         """Colocated trainer: read its CUDA IPC buckets (see weight_sync.export_ipc)."""
@@ -288,6 +310,13 @@ class EngineCore:
                     a / max(1, self.drafts_proposed // max(1, self.num_draft))
                     for a in self.drafts_accepted_at],
                 "kernel_backend": self.ops.name}
+
+
+def _check_update_args(inflight: str, version: int | None) -> None:
+    if inflight not in INFLIGHT_POLICIES:
+        raise ValueError(f"inflight: {inflight!r} is not one of {INFLIGHT_POLICIES}")
+    if version is not None and (not isinstance(version, int) or version < 0):
+        raise ValueError(f"version: must be a non-negative integer, got {version!r}")
 
 
 def _max_model_len(hf_config, requested: int | None) -> int:

@@ -116,9 +116,15 @@ class RolloutEngine:
         self.core.init_weight_sync(master_address, master_port, rank_offset, world_size,
                                    backend, timeout_s)
 
-    def receive_weights(self, timeout_s: float | None = None, **options) -> int:
-        """Wait for one whole broadcast (generation may go on meanwhile), then apply it
-        like update_weights(**options). A failed or partial transfer changes nothing."""
+    def receive_weights(self, timeout_s: float | None = None, stream: bool = True,
+                        **options) -> int:
+        """Wait for one whole broadcast and apply it like update_weights(**options); a
+        failed or partial transfer changes nothing. stream=True writes each bucket as it
+        lands (fastest; generation waits for the transfer). stream=False receives into
+        staging buffers while generation goes on, then applies under the lock."""
+        if stream:
+            with self._lock:
+                return self.core.receive_weights(timeout_s, **options)
         update = self.core.receive_update(timeout_s)
         with self._lock:
             return self.core.update_weights(update.named_tensors, update.version, **options)

@@ -82,24 +82,39 @@ class WeightMap:
              check_finite: bool = True) -> list[tuple[Target, torch.Tensor]]:
         """Validate every tensor (name, shape, finiteness, completeness) first;
         raise one ValueError listing all problems, having written nothing."""
-        plan, names, unknown, bad_shape = [], [], [], []
-        for raw_name, tensor in named_tensors:
+        named = list(named_tensors)
+        matched, problems = self._match([(name, tuple(t.shape)) for name, t in named], partial)
+        plan = [(target, named[i][1]) for i, target in matched]
+        if check_finite:
+            problems["non_finite"] = _non_finite(plan, [named[i][0] for i, _ in matched])
+        _raise_if_any(**problems)
+        return plan
+
+    def match(self, entries: Iterable[tuple[str, tuple[int, ...]]],
+              partial: bool = True) -> list[tuple[int, Target]]:
+        """(index into entries, target) for every (name, shape) that is not ignored.
+        Unknown names, wrong shapes and (with partial=False) missing tensors raise one
+        ValueError naming them."""
+        matched, problems = self._match(entries, partial)
+        _raise_if_any(**problems)
+        return matched
+
+    def _match(self, entries, partial: bool) -> tuple[list[tuple[int, Target]], dict]:
+        matched, seen, unknown, bad_shape = [], set(), [], []
+        for i, (raw_name, shape) in enumerate(entries):
             if IGNORED.search(self.canonical(raw_name)):
                 continue
             name = self.resolve(raw_name)
             if name is None:
                 unknown.append(raw_name)
-            elif tuple(tensor.shape) != self.targets[name].shape:
-                bad_shape.append(f"{raw_name}: got {tuple(tensor.shape)}, "
+            elif tuple(shape) != self.targets[name].shape:
+                bad_shape.append(f"{raw_name}: got {tuple(shape)}, "
                                  f"expected {self.targets[name].shape}")
             else:
-                plan.append((self.targets[name], tensor))
-                names.append((raw_name, name))
-        non_finite = _non_finite(plan, [raw for raw, _ in names]) if check_finite else []
-        missing = [] if partial else sorted(self.required - {name for _, name in names})
-        _raise_if_any(unknown=unknown, wrong_shape=bad_shape, non_finite=non_finite,
-                      missing=missing)
-        return plan
+                matched.append((i, self.targets[name]))
+                seen.add(name)
+        missing = [] if partial else sorted(self.required - seen)
+        return matched, dict(unknown=unknown, wrong_shape=bad_shape, missing=missing)
 
     @staticmethod
     def apply(plan: list[tuple[Target, torch.Tensor]]) -> None:

@@ -16,6 +16,8 @@ from .process_group import SyncGroup, check_backend, check_group_args, resolve_d
 # On CUDA "lands" means: work the hook issues on the current stream runs after the
 # bucket's data arrived; the update is only known whole when receive() returns.
 BucketHook = Callable[[int, list[tuple[str, torch.Tensor]]], None]
+# Called once the update's layout is known, before any bucket is delivered.
+PlanHook = Callable[[BucketPlan], None]
 
 
 @dataclass
@@ -59,13 +61,14 @@ class WeightReceiver:
         self._bucket_views: dict[int, list[tuple[str, torch.Tensor]]] = {}
         self.error: str | None = None  # set once the group is broken
 
-    def receive(self, timeout_s: float | None = None,
-                on_bucket: BucketHook | None = None) -> ReceivedUpdate:
+    def receive(self, timeout_s: float | None = None, on_bucket: BucketHook | None = None,
+                on_plan: PlanHook | None = None) -> ReceivedUpdate:
         """Block until one whole update arrived (or raise WeightSyncError by the deadline).
 
         A timeout before the sender starts leaves the receiver usable; any failure after
         buckets started flowing breaks the group (see `error`). Caller tensors are never
-        written.
+        written. An exception from a hook stops the hooks, the update is still drained
+        (every rank stays in step) and the exception is raised.
         """
         if self.error:
             raise WeightSyncError(f"receiver is unusable after an earlier failure: {self.error}")
@@ -75,7 +78,10 @@ class WeightReceiver:
         posted = time.monotonic()
         try:
             plan = self._prepare(header.plan_json)
-            hook_error = self._receive_buckets(plan, deadline, on_bucket)
+            hook_error = _call_plan_hook(on_plan, plan)
+            if hook_error is not None:
+                on_bucket = None
+            hook_error = self._receive_buckets(plan, deadline, on_bucket) or hook_error
             acknowledge_header(self._group.store, self._seq, self._group.world_size - 1)
         except Exception as e:  # noqa: BLE001 - any failure mid-update breaks the group
             self._fail(e)
@@ -137,3 +143,13 @@ class WeightReceiver:
     def close(self) -> None:
         self._buffers, self._views, self._bucket_views = [], [], {}
         self._group.close()
+
+
+def _call_plan_hook(on_plan: PlanHook | None, plan: BucketPlan) -> Exception | None:
+    if on_plan is None:
+        return None
+    try:
+        on_plan(plan)
+    except Exception as e:  # noqa: BLE001 - returned, raised once the update is drained
+        return e
+    return None
