@@ -1,14 +1,23 @@
 """Decode speed with and without MTP speculation, and draft acceptance per position.
 
     python scripts/bench_speculative.py MODEL_DIR_WITH_MTP [--k 3] [--batches 1,16,64]
+        [--eager-too] [--prompts-file FILE]
 
 For each batch size and temperature (0 and 1): output tokens per second of the same
 prompts through an engine without speculation and one with k drafts per step, the
-speedup, and the acceptance of each draft position. Prints a table; writes JSON to $OUT.
+speedup, and the acceptance of each draft position. On CUDA both engines replay CUDA
+graphs (decode resp. verify steps); --eager-too also times both with enforce_eager.
+
+Prompts: --prompts-file (one text prompt per line, or JSON lines each a list of token ids
+or {"prompt": text} / {"prompt_ids": [...]}), else arithmetic problems
+(atom_rollout.rl.tasks) through the model's tokenizer, else (no tokenizer) random token
+ids, on which acceptance means little. Prompts repeat to fill a batch. Prints a table;
+writes JSON to $OUT.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -17,15 +26,89 @@ import torch
 
 from atom_rollout import RolloutEngine, SamplingParams
 
+ENGINES = [("plain", 0, False), ("spec", None, False)]  # (name, k (None: --k), eager)
+
 
 def timed(engine: RolloutEngine, prompts, params) -> float:
-    engine.generate_batch(prompts[:1], params)  # warm-up
+    warm = SamplingParams(temperature=params.temperature, max_tokens=min(8, params.max_tokens),
+                          ignore_eos=True, seed=0)
+    engine.generate_batch(prompts, warm)  # compiles every kernel shape of this batch
     if engine.core.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     outs = engine.generate_batch(prompts, params)
     tokens = sum(len(s.token_ids) for o in outs for s in o.samples)
     return tokens / (time.perf_counter() - start)
+
+
+def load_prompts(model_dir: str, path: str | None,
+                 template: str) -> tuple[list[list[int]] | None, str]:
+    """Token-id prompts and where they came from; None when there is no source."""
+    tokenizer = _tokenizer(model_dir)
+    if path:
+        return _file_prompts(path, tokenizer), f"file {os.path.basename(path)}"
+    if tokenizer is None:
+        return None, "random token ids (no tokenizer: acceptance is not meaningful)"
+    from atom_rollout.rl.rollout import encode_prompt
+    from atom_rollout.rl.tasks import TaskConfig, arithmetic_rows
+    rows = arithmetic_rows(TaskConfig(num=256, template=template, seed=3))
+    return [encode_prompt(tokenizer, row["prompt"]) for row in rows], "arithmetic (rl.tasks)"
+
+
+def _tokenizer(model_dir: str):
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if not any(os.path.exists(os.path.join(model_dir, n)) for n in names):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def _file_prompts(path: str, tokenizer) -> list[list[int]]:
+    from atom_rollout.rl.rollout import encode_prompt
+    prompts = []
+    with open(path) as f:
+        for line in filter(str.strip, f):
+            item = json.loads(line) if path.endswith(".jsonl") else line.rstrip("\n")
+            if isinstance(item, dict):
+                item = item.get("prompt_ids", item.get("prompt"))
+            if isinstance(item, str):
+                if tokenizer is None:
+                    raise SystemExit(f"{path}: text prompts need a tokenizer in the model dir")
+                item = encode_prompt(tokenizer, item)
+            prompts.append([int(t) for t in item])
+    if not prompts:
+        raise SystemExit(f"{path}: no prompts")
+    return prompts
+
+
+def batch_prompts(pool, batch: int, vocab: int, length: int) -> list[list[int]]:
+    if pool is None:
+        gen = torch.Generator().manual_seed(batch)
+        return torch.randint(3, vocab, (batch, length), generator=gen).tolist()
+    return [pool[i % len(pool)] for i in range(batch)]
+
+
+def bench_engine(args, k: int, eager: bool, cases) -> list[dict]:
+    """tok/s (and acceptance) of one engine over every (batch, temperature, prompts)."""
+    engine = RolloutEngine(args.model_dir, device=args.device, show_progress=False,
+                           num_speculative_tokens=k, enforce_eager=eager,
+                           max_num_seqs=max(batch for batch, _, _ in cases))
+    results = []
+    for batch, temperature, prompts in cases:
+        longest = max(map(len, prompts))
+        params = SamplingParams(temperature=temperature, ignore_eos=True, seed=0,
+                                max_tokens=min(args.max_tokens,
+                                               engine.core.max_model_len - longest - 1))
+        before = (engine.core.drafts_proposed, list(engine.core.drafts_accepted_at))
+        tok_s = timed(engine, prompts, params)
+        rounds = max(1, (engine.core.drafts_proposed - before[0]) // max(1, k))
+        results.append({"tok_s": tok_s, "acceptance": [
+            (a - b) / rounds for a, b in zip(engine.core.drafts_accepted_at, before[1])]})
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return results
 
 
 def main(argv=None) -> None:
@@ -35,37 +118,56 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--eager-too", action="store_true",
+                        help="also time both engines with enforce_eager (no CUDA graphs)")
+    parser.add_argument("--prompts-file", default=None)
+    parser.add_argument("--template", default="{a}{op}{b}=",
+                        help="arithmetic prompt template (rl.tasks) when no file is given")
     args = parser.parse_args(argv)
-    plain = RolloutEngine(args.model_dir, device=args.device, show_progress=False)
-    spec = RolloutEngine(args.model_dir, device=args.device, show_progress=False,
-                         num_speculative_tokens=args.k)
-    vocab = plain.core.vocab_size
-    rows = []
-    for batch in map(int, args.batches.split(",")):
-        prompt_len = min(32, plain.core.max_model_len // 4)
-        gen = torch.Generator().manual_seed(batch)
-        prompts = torch.randint(3, vocab, (batch, prompt_len), generator=gen).tolist()
-        for temperature in (0.0, 1.0):
-            params = SamplingParams(temperature=temperature,
-                                    max_tokens=min(args.max_tokens,
-                                                   plain.core.max_model_len - prompt_len - 1),
-                                    ignore_eos=True, seed=0)
-            before = (spec.core.drafts_proposed, list(spec.core.drafts_accepted_at))
-            base, fast = timed(plain, prompts, params), timed(spec, prompts, params)
-            rounds = max(1, (spec.core.drafts_proposed - before[0]) // args.k)
-            accept = [(a - b) / rounds for a, b in zip(spec.core.drafts_accepted_at, before[1])]
-            rows.append({"batch": batch, "temperature": temperature, "plain_tok_s": base,
-                         "spec_tok_s": fast, "speedup": fast / base, "acceptance": accept})
-    device = (torch.cuda.get_device_name() if plain.core.device.type == "cuda" else "cpu")
-    report = {"device": device, "k": args.k, "rows": rows}
+    from transformers import AutoConfig
+    vocab = AutoConfig.from_pretrained(args.model_dir).vocab_size
+    pool, source = load_prompts(args.model_dir, args.prompts_file, args.template)
+    cases = [(batch, temperature, batch_prompts(pool, batch, vocab, 32))
+             for batch in map(int, args.batches.split(",")) for temperature in (0.0, 1.0)]
+    engines = ENGINES + ([("plain_eager", 0, True), ("spec_eager", None, True)]
+                         if args.eager_too else [])
+    timings = {name: bench_engine(args, args.k if k is None else k, eager, cases)
+               for name, k, eager in engines}
+    rows = [_row(i, batch, temperature, timings) for i, (batch, temperature, _)
+            in enumerate(cases)]
+    device = torch.cuda.get_device_name() if _on_cuda(args.device) else "cpu"
+    report = {"device": device, "k": args.k, "prompts": source, "rows": rows}
     with open(os.path.join(os.environ.get("OUT", "."), "speculative.json"), "w") as f:
         json.dump(report, f, indent=2)
-    print(f"\nMTP speculation, k={args.k}, {device}")
-    print(f"{'batch':>6} {'temp':>5} {'plain tok/s':>12} {'spec tok/s':>11} {'speedup':>8}  "
-          "acceptance by position")
-    for r in rows:
+    print_table(report, args.eager_too)
+
+
+def _row(i: int, batch: int, temperature: float, timings: dict) -> dict:
+    row = {"batch": batch, "temperature": temperature,
+           "plain_tok_s": timings["plain"][i]["tok_s"], "spec_tok_s": timings["spec"][i]["tok_s"],
+           "acceptance": timings["spec"][i]["acceptance"]}
+    row["speedup"] = row["spec_tok_s"] / row["plain_tok_s"]
+    if "spec_eager" in timings:
+        row["plain_eager_tok_s"] = timings["plain_eager"][i]["tok_s"]
+        row["spec_eager_tok_s"] = timings["spec_eager"][i]["tok_s"]
+        row["speedup_eager"] = row["spec_eager_tok_s"] / row["plain_eager_tok_s"]
+    return row
+
+
+def _on_cuda(device: str) -> bool:
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+
+
+def print_table(report: dict, eager_too: bool) -> None:
+    print(f"\nMTP speculation, k={report['k']}, {report['device']}, prompts: {report['prompts']}")
+    eager_head = f" {'plain eager':>12} {'spec eager':>11} {'speedup':>8}" if eager_too else ""
+    print(f"{'batch':>6} {'temp':>5} {'plain tok/s':>12} {'spec tok/s':>11} {'speedup':>8}"
+          f"{eager_head}  acceptance by position")
+    for r in report["rows"]:
+        eager = (f" {r['plain_eager_tok_s']:>12.0f} {r['spec_eager_tok_s']:>11.0f} "
+                 f"{r['speedup_eager']:>7.2f}x" if eager_too else "")
         print(f"{r['batch']:>6} {r['temperature']:>5.1f} {r['plain_tok_s']:>12.0f} "
-              f"{r['spec_tok_s']:>11.0f} {r['speedup']:>7.2f}x  "
+              f"{r['spec_tok_s']:>11.0f} {r['speedup']:>7.2f}x{eager}  "
               + " ".join(f"{a:.2f}" for a in r["acceptance"]))
 
 

@@ -43,3 +43,43 @@ def build_checkpoint(path, variant: str, seed: int = 0, **overrides):
                 p.normal_(0, 0.02)
     model.save_pretrained(path)
     return model.eval()
+
+
+def add_mtp_head(path, hf_model, prompts: list[list[int]], steps: int = 80,
+                 max_tokens: int = 40, seed: int = 0) -> str:
+    """Self-distil an MTP layer on hf_model's greedy continuations of ``prompts`` (so its
+    drafts are mostly accepted there) and save it into the checkpoint at ``path``."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from atom_rollout.rl.mtp_head import MTPHead
+    sequences = [_greedy(hf_model, prompt, max_tokens) for prompt in prompts]
+    width = max(map(len, sequences))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences])
+    mask = torch.tensor([[True] * len(s) + [False] * (width - len(s)) for s in sequences])
+    with torch.no_grad():
+        hidden = hf_model.model(ids).last_hidden_state
+    torch.manual_seed(seed)
+    head = MTPHead(hf_model)
+    optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = head.loss(ids, hidden, mask)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    path = Path(path)
+    save_file({n: t.contiguous() for n, t in head.named_tensors()}, str(path / "mtp.safetensors"))
+    config = json.loads((path / "config.json").read_text())
+    config["num_nextn_predict_layers"] = 1
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+def _greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(num_tokens):
+            tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
+    return tokens

@@ -19,8 +19,8 @@ def _same(engine, snapshot) -> bool:
 def _stream(engine, named, partial=True, fail_after=None):
     """Feed `named` through a StreamedUpdate the way the receiver does."""
     plan, flats = pack_buckets(named, 16 * 1024)
-    update = StreamedUpdate(engine.core.weight_map, partial=partial)
-    update.check_plan(plan)
+    update = StreamedUpdate(engine.core.weight_map)
+    update.begin(partial)(plan)
     for i, flat in enumerate(flats):
         if fail_after is not None and i == fail_after:
             update.rollback()
@@ -71,10 +71,33 @@ def test_plan_is_checked_before_any_write(checkpoints):
     model_dir, model = checkpoints["llama"]
     engine = RolloutEngine(model_dir, show_progress=False)
     named = [(n, t.detach()) for n, t in perturbed(model, seed=8)[1]]
-    update = StreamedUpdate(engine.core.weight_map, partial=False)
+    update = StreamedUpdate(engine.core.weight_map)
     wrong = [(n, torch.zeros(3, 3) if n.endswith("q_proj.weight") else t)
              for n, t in named[:-2]]
     plan, _ = pack_buckets(wrong, 16 * 1024)
     with pytest.raises(ValueError) as error:
-        update.check_plan(plan)
+        update.begin(partial=False)(plan)
     assert "wrong_shape" in str(error.value) and "missing" in str(error.value)
+
+
+def test_repeated_updates_reuse_the_layout(checkpoints):
+    """The same StreamedUpdate across updates (as the engine keeps it): each one lands
+    exactly, and a failed one in between restores the previous."""
+    model_dir, model = checkpoints["llama"]
+    engine = RolloutEngine(model_dir, show_progress=False)
+    update = StreamedUpdate(engine.core.weight_map)
+    for seed, fail in ((11, False), (12, True), (13, False)):
+        named = [(n, t.detach()) for n, t in perturbed(model, seed=seed)[1]]
+        plan, flats = pack_buckets(named, 16 * 1024)
+        before = _snapshot(engine)
+        update.begin()(plan)
+        for i, flat in enumerate(flats):
+            update.apply_bucket(i, unpack_bucket(plan, i, flat))
+        if fail:
+            update.rollback()
+            assert _same(engine, before)
+            continue
+        update.commit()
+        for name, tensor in named:
+            ours = engine.core.weight_map.targets[engine.core.weight_map.resolve(name)].view()
+            assert torch.equal(ours, tensor), name

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
+
 from .sequence import Sequence
 
 _ROOT = (-1, 0)
@@ -24,6 +26,57 @@ class Block:
     key: tuple | None = None
 
 
+class BlockTables:
+    """Every block-holding sequence's block table mirrored in one int32 array padded
+    with -1, written only as tables change, so a step's tables are one numpy gather."""
+
+    def __init__(self, rows: int = 64, cols: int = 64):
+        self.array = np.full((rows, cols), -1, dtype=np.int32)
+        self.lengths = np.zeros(rows, dtype=np.int64)
+        self.free_rows = list(range(rows - 1, -1, -1))
+
+    def sync(self, seq: Sequence, start: int) -> None:
+        """Write seq.block_table[start:] into its row (taking a row if it has none)."""
+        if seq.table_row < 0:
+            seq.table_row, start = self._take_row(), 0
+        row, table = seq.table_row, seq.block_table
+        if len(table) > self.array.shape[1]:
+            self._widen(len(table))
+        old = int(self.lengths[row])
+        if old > len(table):
+            self.array[row, len(table):old] = -1
+        if len(table) - start == 1:
+            self.array[row, start] = table[start]
+        elif len(table) > start:
+            self.array[row, start:len(table)] = table[start:]
+        self.lengths[row] = len(table)
+
+    def release(self, seq: Sequence) -> None:
+        row = seq.table_row
+        if row >= 0:
+            self.array[row, :self.lengths[row]] = -1
+            self.lengths[row] = 0
+            self.free_rows.append(row)
+            seq.table_row = -1
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """The tables of these rows as one [len(rows), longest] int32 array, -1 padded."""
+        return self.array[rows, :int(self.lengths[rows].max())]
+
+    def _take_row(self) -> int:
+        if not self.free_rows:
+            rows = self.array.shape[0]
+            self.array = np.concatenate([self.array, np.full_like(self.array, -1)])
+            self.lengths = np.concatenate([self.lengths, np.zeros_like(self.lengths)])
+            self.free_rows = list(range(2 * rows - 1, rows - 1, -1))
+        return self.free_rows.pop()
+
+    def _widen(self, cols: int) -> None:
+        rows, width = self.array.shape
+        extra = np.full((rows, max(cols, 2 * width) - width), -1, dtype=np.int32)
+        self.array = np.concatenate([self.array, extra], axis=1)
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
                  lookahead_slots: int = 0):
@@ -33,6 +86,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[tuple, int] = {}
+        self.tables = BlockTables()
         self.hit_tokens = 0
         self.queried_tokens = 0
 
@@ -70,6 +124,7 @@ class BlockManager:
         for block_id in hits:
             self._acquire(block_id)
         seq.block_table = list(hits)
+        self.tables.sync(seq, 0)
         seq.num_registered_blocks = len(hits)
         seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
         self.hit_tokens += seq.num_cached_tokens
@@ -81,11 +136,30 @@ class BlockManager:
                                     + self.lookahead_slots)
         return needed - len(seq.block_table) <= self.num_free_blocks
 
+    def grow_decode(self, seq: Sequence) -> bool:
+        """grow(seq, 1) for the common decode step (only the last token to compute, no
+        drafts) when it needs at most one free block; False, doing nothing, otherwise."""
+        computed, table = seq.num_computed_tokens, seq.block_table
+        if computed + 1 != len(seq.token_ids) or seq.draft_tokens:
+            return False
+        missing = computed + 1 + self.lookahead_slots - len(table) * self.block_size
+        if missing > 0:
+            if missing > self.block_size or not self.free:
+                return False
+            table.append(self._take_free_block())
+            self.tables.sync(seq, len(table) - 1)
+        if (computed + 1) // self.block_size > seq.num_registered_blocks:
+            self._register_full_blocks(seq, computed + 1)
+        return True
+
     def grow(self, seq: Sequence, num_new_tokens: int) -> None:
         needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens
                                     + self.lookahead_slots)
-        while len(seq.block_table) < needed:
-            seq.block_table.append(self._take_free_block())
+        if len(seq.block_table) < needed:
+            start = len(seq.block_table)
+            while len(seq.block_table) < needed:
+                seq.block_table.append(self._take_free_block())
+            self.tables.sync(seq, start)
         # Only verified tokens may enter the prefix cache, never drafts.
         known = min(seq.num_computed_tokens + num_new_tokens, seq.num_tokens)
         if known // self.block_size > seq.num_registered_blocks:
@@ -99,6 +173,7 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free[block_id] = None
         seq.block_table = []
+        self.tables.release(seq)
         seq.num_registered_blocks = 0
 
     def reset_prefix_cache(self) -> None:
@@ -127,6 +202,8 @@ class BlockManager:
         """Cache the blocks this step fills; same-step readers see their KV because
         every layer writes the whole batch's KV before any attention reads it."""
         if not self.enable_prefix_caching or not seq.cacheable:
+            # Offered and declined: a sequence regains `cacheable` only after release().
+            seq.num_registered_blocks = num_tokens_known // self.block_size
             return
         for index in range(seq.num_registered_blocks, num_tokens_known // self.block_size):
             block = self.blocks[seq.block_table[index]]

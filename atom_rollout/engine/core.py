@@ -1,6 +1,8 @@
 """EngineCore: the intake -> schedule -> execute -> postprocess loop."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import random
 
@@ -28,10 +30,28 @@ from .streamed_update import StreamedUpdate
 INFLIGHT_POLICIES = ("recompute", "keep", "abort")
 
 
+def _device_guard(device: torch.device):
+    """Make the engine's GPU current: Triton launches on the current device, which in a
+    trainer process is usually another GPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def on_engine_device(method):
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        with _device_guard(self.device):
+            return method(self, *args, **kwargs)
+    return guarded
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.device, self.dtype = config.torch_device(), config.torch_dtype()
+        with _device_guard(self.device):
+            self._build(config)
+
+    def _build(self, config: EngineConfig) -> None:
         self.hf_config = AutoConfig.from_pretrained(config.model_dir)
         self.max_model_len = _max_model_len(self.hf_config, config.max_model_len)
         self.num_draft = config.num_speculative_tokens
@@ -42,6 +62,7 @@ class EngineCore:
         self.weight_version = 0
         self._finished_elsewhere: list[Sequence] = []  # e.g. aborted by a weight update
         self._receiver: WeightReceiver | None = None
+        self._streamed: StreamedUpdate | None = None  # reused: it caches the layout
         self.drafts_proposed, self.drafts_accepted_at = 0, [0] * self.num_draft
         self._seq_ids = itertools.count()
         self._rng = random.Random(self.config.seed)
@@ -84,28 +105,38 @@ class EngineCore:
     def asleep(self) -> bool:
         return self.runner is None
 
+    @on_engine_device
     def sleep(self, offload_weights: bool = False) -> None:
         """Release the KV cache (and CUDA graphs), optionally moving the weights to host
         memory, so a colocated trainer can use the GPU; wake_up() restores both."""
         if self.scheduler.has_work():
             raise RuntimeError("sleep: requests are still in flight; finish or abort them")
         self.runner = self.kv_cache = None
+        self._streamed = None  # its scratch buffer
         if offload_weights:
             self.model.to("cpu")
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    @on_engine_device
     def wake_up(self) -> None:
         if self.asleep:
             self.model.to(self.device)
             self.runner = self._build_cache_and_runner()
 
     def _decode_graphs(self, kv_views) -> DecodeGraphs | None:
-        if self.device.type != "cuda" or self.config.enforce_eager or self.num_draft:
-            return None  # verify steps (k + 1 tokens per sequence) run eagerly for now
-        max_batch = min(self.config.cuda_graph_max_batch, self.config.max_num_seqs)
-        graphs = DecodeGraphs(self.model, self.ops, kv_views, max_batch, self.max_model_len,
-                              self.config.block_size, self.device)
+        """Plain engines graph decode steps (1 token per sequence); speculative ones graph
+        verify steps (k + 1 per sequence), the only uniform shape they run in practice:
+        a sequence only decodes 1 token when its drafts were dropped for the token budget."""
+        config, query_len = self.config, self.num_draft + 1
+        max_batch = min(config.cuda_graph_max_batch, config.max_num_seqs,
+                        config.max_num_batched_tokens // query_len)
+        if self.device.type != "cuda" or config.enforce_eager or max_batch < 1:
+            return None
+        graphs = DecodeGraphs(self.model, self.ops, kv_views, max_batch,
+                              self.max_model_len + 2 * self.num_draft, config.block_size,
+                              self.device, query_lens=(query_len,),
+                              keep_hidden=bool(self.num_draft))
         graphs.capture()
         return graphs
 
@@ -145,6 +176,7 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    @on_engine_device
     def step(self) -> list[Sequence]:
         """One schedule + forward + sample; returns the sequences that finished."""
         finished, self._finished_elsewhere = self._finished_elsewhere, []
@@ -157,27 +189,45 @@ class EngineCore:
             raise RuntimeError("scheduler made no progress: the KV cache cannot hold the "
                                "next waiting sequence (this is a bug, please report it)")
         result = self.runner.run(batch)
+        return finished + self._advance(batch) + self._postprocess(result)
+
+    def _advance(self, batch) -> list[Sequence]:
+        """Count the step's computed tokens; returns the score sequences now complete."""
+        if batch.is_decode:
+            for seq in batch.seqs:
+                seq.num_computed_tokens += 1
+            return []
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += num_new
         scored = [seq for seq in batch.seqs if seq.is_score
                   and seq.num_computed_tokens == seq.num_tokens]
         for seq in scored:
             self.scheduler.finish(seq, "stop")
-        return finished + scored + self._postprocess(result)
+        return scored
 
     def _postprocess(self, result: StepResult) -> list[Sequence]:
-        finished = []
-        for row, seq in enumerate(result.sampled_seqs):
-            token = result.token_ids[row]
-            seq.append_token(token, result.logprobs[row], self.weight_version)
-            if result.raw_logprobs is not None:
-                seq.raw_logprobs.append(result.raw_logprobs[row])
-            if result.top is not None:
-                seq.top_logprobs.append(result.top[row])
-            if self._finish_if_done(seq, token):
+        finished, version = [], self.weight_version
+        raw, top = result.raw_logprobs, result.top
+        for row, (seq, token, logprob) in enumerate(zip(result.sampled_seqs, result.token_ids,
+                                                         result.logprobs)):
+            seq.append_token(token, logprob, version)
+            if raw is not None:
+                seq.raw_logprobs.append(raw[row])
+            if top is not None:
+                seq.top_logprobs.append(top[row])
+            stops = seq.stop_ids if seq.stop_ids is not None else self._stop_ids(seq)
+            # _stop_reason is None unless the token may stop or the length is reached
+            if ((token in stops or len(seq.token_ids) >= seq.max_num_tokens)
+                    and self._finish_if_done(seq, token)):
                 finished.append(seq)
         finished += self._accept_verified(result)
         return finished
+
+    def _stop_ids(self, seq: Sequence) -> frozenset[int]:
+        params = seq.params
+        eos = frozenset() if params.ignore_eos else self.eos_token_ids
+        seq.stop_ids = eos | frozenset(params.stop_token_ids)
+        return seq.stop_ids
 
     def _accept_verified(self, result: StepResult) -> list[Sequence]:
         """Speculative steps: emitted tokens in order (stop checks on each), KV kept only
@@ -220,6 +270,7 @@ class EngineCore:
             return "length"
         return None
 
+    @on_engine_device
     def update_weights(self, named_tensors, version: int | None = None,
                        inflight: str = "recompute", partial: bool = True,
                        check_finite: bool = True) -> int:
@@ -236,6 +287,7 @@ class EngineCore:
         self._finished_elsewhere += self.scheduler.on_weights_changed(inflight)
         return self.weight_version
 
+    @on_engine_device
     def update_weights_from_disk(self, path: str, **options) -> int:
         """Load a safetensors checkpoint directory in place (complete by default)."""
         options.setdefault("partial", False)
@@ -244,6 +296,7 @@ class EngineCore:
     def reset_prefix_cache(self) -> None:
         self.block_manager.reset_prefix_cache()
 
+    @on_engine_device
     def init_weight_sync(self, master_address: str, master_port: int, rank_offset: int,
                          world_size: int, backend: str = "nccl", timeout_s: float = 600.0) -> None:
         """Join the trainer's standalone weight-broadcast group as rank ``rank_offset``
@@ -251,16 +304,19 @@ class EngineCore:
         if self._receiver is not None:
             self._receiver.close()
             self._receiver = None
+        self._streamed = None  # it may reference the old receiver's buffers
         device = self.device if backend == "nccl" else torch.device("cpu")
         self._receiver = WeightReceiver(master_address, master_port, rank_offset, world_size,
                                         backend=backend, device=device, timeout_s=timeout_s)
 
+    @on_engine_device
     def receive_update(self, timeout_s: float | None = None) -> ReceivedUpdate:
         """Block until one whole broadcast has arrived; touches no engine state."""
         if self._receiver is None:
             raise RuntimeError("receive_weights: call init_weight_sync first")
         return self._receiver.receive(timeout_s)
 
+    @on_engine_device
     def receive_weights(self, timeout_s: float | None = None, inflight: str = "recompute",
                         partial: bool = True, check_finite: bool = True) -> int:
         """Receive one broadcast, writing each bucket into the model as it lands (see
@@ -273,10 +329,11 @@ class EngineCore:
             update = self.receive_update(timeout_s)
             return self.update_weights(update.named_tensors, update.version, inflight,
                                        partial, check_finite)
-        streamed = StreamedUpdate(self.weight_map, partial, check_finite)
+        streamed = self._streamed = self._streamed or StreamedUpdate(self.weight_map)
+        check_plan = streamed.begin(partial, check_finite)
         try:
             received = self._receiver.receive(timeout_s, on_bucket=streamed.apply_bucket,
-                                              on_plan=streamed.check_plan)
+                                              on_plan=check_plan)
             streamed.commit()
         except BaseException:
             streamed.rollback()
@@ -286,6 +343,7 @@ class EngineCore:
     def _params_on(self, device: torch.device) -> bool:
         return all(p.device == device for p in self.model.parameters())
 
+    @on_engine_device
     def update_weights_from_ipc(self, payload: IpcPayload, **options) -> int:
         """Colocated trainer: read its CUDA IPC buckets (see weight_sync.export_ipc)."""
         update = rebuild_ipc(payload, self.device.index)

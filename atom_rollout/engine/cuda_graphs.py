@@ -1,9 +1,14 @@
-"""CUDA graphs for decode steps: captured once per padded batch size, replayed.
+"""CUDA graphs for decode-shaped steps: captured once per (query length, padded batch
+size), replayed.
 
-A decode step (every sequence adds one token) has fixed shapes given its batch
-size, so the whole forward plus the LM head is one graph replay. Smaller batches
-are padded up to the next captured size; padded rows write no KV (slot -1) and
-attend to one cached slot, and their logits are dropped.
+A step in which every sequence adds the same number q of tokens has fixed shapes given
+its batch size: q = 1 is a plain decode step, q = k + 1 a speculative verify step (the
+last verified token plus k drafts). The whole forward is one graph replay; q = 1 graphs
+also run the LM head, and with ``keep_hidden`` every graph returns its final hidden
+states (the MTP speculator needs them for verify logits and its catch-up). Smaller
+batches are padded up to the next captured size: padded sequences write no KV (slot -1),
+attend to q slots of block 0 and their outputs are dropped. All graphs share one memory
+pool. Without CUDA, run() executes the same padded forward eagerly (for CPU tests).
 """
 from __future__ import annotations
 
@@ -21,56 +26,89 @@ def capture_sizes(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: DecoderForCausalLM, ops: KernelOps, kv_caches, max_batch: int,
-                 max_model_len: int, block_size: int, device: torch.device):
+                 max_context_len: int, block_size: int, device: torch.device,
+                 query_lens: tuple[int, ...] = (1,), keep_hidden: bool = False):
+        """max_context_len: the longest KV a sequence can reach (drafts included); it
+        bounds the block tables and is the graphs' attention max_context_len."""
         self.model, self.ops, self.kv_caches = model, ops, kv_caches
         self.sizes = capture_sizes(max_batch)
-        self.max_model_len = max_model_len
-        max_blocks = -(-max_model_len // block_size)
+        self.query_lens, self.keep_hidden = tuple(sorted(set(query_lens))), keep_hidden
+        self.max_context_len, self.block_size = max_context_len, block_size
+        self.use_graphs = device.type == "cuda"
+        max_tokens = max_batch * max(self.query_lens)
         new = dict(device=device)
-        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, **new)
-        self.positions = torch.zeros(max_batch, dtype=torch.int64, **new)
-        self.slot_mapping = torch.full((max_batch,), -1, dtype=torch.int64, **new)
-        self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, **new)
+        self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, **new)
+        self.positions = torch.zeros(max_tokens, dtype=torch.int64, **new)
+        self.slot_mapping = torch.full((max_tokens,), -1, dtype=torch.int64, **new)
+        self.query_start_loc = {q: torch.arange(max_batch + 1, dtype=torch.int32, **new) * q
+                                for q in self.query_lens}
         self.context_lens = torch.ones(max_batch, dtype=torch.int32, **new)
-        self.block_tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, **new)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.block_tables = torch.zeros(max_batch, -(-max_context_len // block_size),
+                                        dtype=torch.int32, **new)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor | None]] = {}
 
     @property
     def max_batch(self) -> int:
         return self.sizes[-1]
 
-    def _forward(self, size: int) -> torch.Tensor:
-        meta = AttentionMetadata(self.slot_mapping[:size], self.query_start_loc[:size + 1],
+    def fits(self, query_len: int, batch: int) -> bool:
+        return query_len in self.query_lens and batch <= self.max_batch
+
+    def _forward(self, query_len: int, size: int):
+        tokens = size * query_len
+        meta = AttentionMetadata(self.slot_mapping[:tokens],
+                                 self.query_start_loc[query_len][:size + 1],
                                  self.context_lens[:size], self.block_tables[:size],
-                                 max_query_len=1, max_context_len=self.max_model_len)
-        hidden = self.model(self.ops, self.input_ids[:size], self.positions[:size],
+                                 max_query_len=query_len, max_context_len=self.max_context_len)
+        hidden = self.model(self.ops, self.input_ids[:tokens], self.positions[:tokens],
                             self.kv_caches, meta)
-        return self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(hidden) if query_len == 1 else None
+        return (hidden if self.keep_hidden else None), logits
 
     @torch.inference_mode()
     def capture(self) -> None:
+        if not self.use_graphs:
+            return
         pool = None
-        for size in reversed(self.sizes):  # largest first: later graphs reuse its pool
-            self._forward(size)  # compiles kernels, warms cuBLAS
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[size] = self._forward(size)
-            pool = graph.pool()
-            self.graphs[size] = graph
+        for q in reversed(self.query_lens):  # largest first: later graphs reuse its pool
+            self.context_lens.fill_(q)  # padded sequences see q keys of block 0
+            for size in reversed(self.sizes):
+                self._forward(q, size)  # compiles kernels, warms cuBLAS
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.outputs[q, size] = self._forward(q, size)
+                pool = graph.pool()
+                self.graphs[q, size] = graph
         torch.cuda.synchronize()
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-            context_lens: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-        """Replay for a decode batch given as host tensors; returns logits [B, V]."""
-        batch = input_ids.shape[0]
+    def run(self, query_len: int, input_ids: torch.Tensor, positions: torch.Tensor,
+            slot_mapping: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor):
+        """Replay for a batch, given as host tensors, in which every sequence has
+        query_len new tokens. Returns (hidden [B * q, H] or None, logits [B, V] or None):
+        hidden with keep_hidden, logits for q = 1. Both are overwritten by the next run."""
+        batch = context_lens.shape[0]
         size = next(s for s in self.sizes if s >= batch)
-        self.input_ids[:batch].copy_(input_ids, non_blocking=True)
-        self.positions[:batch].copy_(positions, non_blocking=True)
-        self.slot_mapping[:batch].copy_(slot_mapping, non_blocking=True)
-        self.slot_mapping[batch:size].fill_(-1)
+        tokens, padded = batch * query_len, size * query_len
+        self.input_ids[:tokens].copy_(input_ids, non_blocking=True)
+        self.positions[:tokens].copy_(positions, non_blocking=True)
+        self.slot_mapping[:tokens].copy_(slot_mapping, non_blocking=True)
         self.context_lens[:batch].copy_(context_lens, non_blocking=True)
-        self.context_lens[batch:size].fill_(1)
         self.block_tables[:batch, :block_tables.shape[1]].copy_(block_tables, non_blocking=True)
-        self.graphs[size].replay()
-        return self.logits[size][:batch]
+        if size > batch:
+            self._pad(batch, size, query_len, tokens, padded)
+        if self.use_graphs:
+            self.graphs[query_len, size].replay()
+            hidden, logits = self.outputs[query_len, size]
+        else:
+            hidden, logits = self._forward(query_len, size)
+        return (None if hidden is None else hidden[:tokens],
+                None if logits is None else logits[:batch])
+
+    def _pad(self, batch: int, size: int, query_len: int, tokens: int, padded: int) -> None:
+        self.slot_mapping[tokens:padded].fill_(-1)
+        self.context_lens[batch:size].fill_(query_len)
+        # Column 0 always holds a real block (every table has one); wider reads need more.
+        blocks = -(-query_len // self.block_size)
+        if blocks > 1:
+            self.block_tables[batch:size, :blocks].fill_(0)

@@ -11,7 +11,7 @@ import torch
 from ..kernels import AttentionMetadata, KernelOps
 from ..models import DecoderForCausalLM
 from ..sampler import SamplingTensors, sample
-from ..sampler.noise import row_uniforms, signed64
+from ..sampler.noise import row_uniforms_np
 from .cuda_graphs import DecodeGraphs
 from .scheduler import ScheduledBatch
 from .speculation import MTPSpeculator, Proposal, Verified
@@ -31,7 +31,7 @@ class StepResult:
 
 @dataclass
 class _Inputs:
-    """One step's inputs as host tensors."""
+    """One step's inputs, already on the device (one packed upload, see _prepare)."""
 
     input_ids: torch.Tensor
     positions: torch.Tensor
@@ -63,10 +63,9 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
         inputs = self._prepare(batch)
-        hidden = None
-        if self._is_graph_step(batch):
-            logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.slot_mapping,
-                                     inputs.context_lens, inputs.block_tables)
+        query_len = self._graph_query_len(batch)
+        if query_len:
+            hidden, logits = self._graph_forward(inputs, query_len)
         else:
             hidden, logits = self._eager_forward(inputs)
         result = StepResult([], [], [], None, None) if logits is None else \
@@ -105,10 +104,29 @@ class ModelRunner:
             tensors.fused_kernel = False
             return sample(logits, tensors)
 
-    def _is_graph_step(self, batch: ScheduledBatch) -> bool:
-        return (self.graphs is not None and self.speculator is None and len(batch.seqs) <= self.graphs.max_batch
-                and batch.num_tokens == len(batch.seqs)
-                and not any(seq.is_score for seq in batch.seqs))
+    def _graph_query_len(self, batch: ScheduledBatch) -> int:
+        """q when every sequence computes q tokens and graphs of that shape exist, else 0."""
+        if self.graphs is None:
+            return 0
+        query_len = batch.num_new_tokens[0]
+        if (not self.graphs.fits(query_len, len(batch.seqs))
+                or any(n != query_len for n in batch.num_new_tokens)
+                or any(seq.is_score for seq in batch.seqs)):
+            return 0
+        return query_len
+
+    def _graph_forward(self, inputs: _Inputs, query_len: int):
+        hidden, logits = self.graphs.run(query_len, inputs.input_ids, inputs.positions,
+                                         inputs.slot_mapping, inputs.context_lens,
+                                         inputs.block_tables)
+        if not inputs.sample_seqs:
+            return hidden, None
+        if logits is None:  # verify-shaped: only prompt chunks that just ended sample
+            rows = self._upload(torch.tensor(inputs.sample_rows))
+            return hidden, self.model.compute_logits(hidden[rows])
+        if len(inputs.sample_rows) < logits.shape[0]:  # a 1-token prompt chunk does not
+            logits = logits[self._upload(torch.tensor(inputs.sample_rows))]
+        return hidden, logits
 
     def _eager_forward(self, inputs: _Inputs):
         up = self._upload
@@ -122,7 +140,43 @@ class ModelRunner:
             return hidden, None
         return hidden, self.model.compute_logits(hidden[up(torch.tensor(inputs.sample_rows))])
 
+    # Sampling tensors built (and uploaded) by _prepare, for the _sample of the same step.
+    _staged_sampling: tuple[list[Sequence], SamplingTensors] | None = None
+    _sampling_cache: _SamplingRows | None = None
+
     def _prepare(self, batch: ScheduledBatch) -> _Inputs:
+        """The step's inputs on the device: metadata and sampling rows go up in one copy."""
+        self._staged_sampling = None
+        host = self._decode_host(batch) if batch.is_decode else self._general_host(batch)
+        arrays = host.arrays
+        sampling = None
+        if host.sample_seqs:
+            sampling = self._sampling_rows(host.sample_seqs, host.sample_positions)
+            arrays = arrays + sampling.arrays
+        views = _upload_packed(arrays, self.device)
+        if sampling is not None:
+            tensors = self._sampling_from(sampling, views[len(host.arrays):])
+            self._staged_sampling = (host.sample_seqs, tensors)
+        return _Inputs(*views[:len(host.arrays)], host.max_query_len, host.max_context_len,
+                       host.sample_rows, host.sample_seqs, host.score_rows, host.rows,
+                       host.verify_rows)
+
+    def _decode_host(self, batch: ScheduledBatch) -> _HostInputs:
+        """Every sequence computes its last token and samples: no per-token Python loop."""
+        seqs, bs = batch.seqs, self.block_size
+        count = len(seqs)
+        positions = np.array([s.num_computed_tokens for s in seqs], dtype=np.int64)
+        input_ids = np.array([s.token_ids[-1] for s in seqs], dtype=np.int64)
+        tables = self._block_tables(batch)
+        slots = tables[np.arange(count), positions // bs].astype(np.int64) * bs + positions % bs
+        context_lens = (positions + 1).astype(np.int32)
+        rows = ([(seq, i, int(p), 1) for i, (seq, p) in enumerate(zip(seqs, positions))]
+                if self.speculator is not None else [])
+        return _HostInputs([input_ids, positions, slots, np.arange(count + 1, dtype=np.int32),
+                            context_lens, tables], 1, int(context_lens.max()),
+                           list(range(count)), seqs, [], rows, [], positions)
+
+    def _general_host(self, batch: ScheduledBatch) -> _HostInputs:
         input_ids, positions, slots, context_lens, query_start = [], [], [], [], [0]
         sample_rows, sample_seqs, score_rows, rows, verify_rows = [], [], [], [], []
         bs = self.block_size
@@ -132,7 +186,7 @@ class ModelRunner:
             input_ids.extend(tokens[start:end])
             positions.extend(range(start, end))
             table = seq.block_table
-            if num_new == 1:  # decode: the common case, kept cheap
+            if num_new == 1:
                 slots.append(table[start // bs] * bs + start % bs)
             else:
                 slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
@@ -150,19 +204,22 @@ class ModelRunner:
             elif end == seq.num_tokens:
                 sample_rows.append(row0 + num_new - 1)
                 sample_seqs.append(seq)
-        as_tensor = torch.tensor
-        tables = _padded_tables([s.block_table for s in batch.seqs])
-        return _Inputs(as_tensor(input_ids, dtype=torch.int64),
-                       as_tensor(positions, dtype=torch.int64),
-                       as_tensor(slots, dtype=torch.int64),
-                       as_tensor(query_start, dtype=torch.int32),
-                       as_tensor(context_lens, dtype=torch.int32),
-                       tables,
-                       max(batch.num_new_tokens), max(context_lens),
-                       sample_rows, sample_seqs, score_rows, rows, verify_rows)
+        arrays = [np.array(input_ids, dtype=np.int64), np.array(positions, dtype=np.int64),
+                  np.array(slots, dtype=np.int64), np.array(query_start, dtype=np.int32),
+                  np.array(context_lens, dtype=np.int32), self._block_tables(batch)]
+        return _HostInputs(arrays, max(batch.num_new_tokens), max(context_lens), sample_rows,
+                           sample_seqs, score_rows, rows, verify_rows, None)
+
+    def _block_tables(self, batch: ScheduledBatch) -> np.ndarray:
+        """[B, longest] int32, -1 padded: gathered from the block manager's mirror."""
+        if batch.tables is not None:
+            rows = np.array([s.table_row for s in batch.seqs], dtype=np.int64)
+            if rows.min() >= 0:
+                return batch.tables.gather(rows)
+        return _padded_tables([s.block_table for s in batch.seqs])
 
     def _upload(self, host: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" or host.device.type != "cpu":  # e.g. _prepare's views
             return host
         return host.pin_memory().to(self.device, non_blocking=True)
 
@@ -182,25 +239,48 @@ class ModelRunner:
                 seq.score_pieces.append(logp.gather(-1, targets[offset:offset + n, None])[:, 0])
 
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
-        params = [s.params for s in seqs]
-        banned = [(row, token) for row, s in enumerate(seqs)
-                  if s.num_output_tokens < s.params.min_tokens
-                  for token in self._stop_tokens(s)]
-        greedy = [p.greedy for p in params]
-        keys = torch.tensor([signed64(s.noise_key) for s in seqs], dtype=torch.int64)
-        counters = torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64)
+        staged, self._staged_sampling = self._staged_sampling, None
+        if staged is not None and staged[0] is seqs:
+            return staged[1]
+        rows = self._sampling_rows(seqs, None)
+        return self._sampling_from(rows, _upload_packed(rows.arrays, self.device))
+
+    def _sampling_rows(self, seqs: list[Sequence], positions: np.ndarray | None) -> _StepSampling:
+        """Host arrays of the rows' settings (cached while the same sequences sample) and
+        of this step's draws. positions: each row's last token position, when known."""
+        cache = self._sampling_cache
+        if cache is None or cache.seqs != seqs:
+            cache = self._sampling_cache = _SamplingRows.build(seqs)
+        if positions is None:
+            counters = np.array([s.num_output_tokens for s in seqs], dtype=np.int64)
+        else:
+            counters = positions + 1 - cache.prompt_lens
+        arrays = [] if cache.on_device else [cache.temperature, cache.top_k, cache.top_p,
+                                              cache.min_p]
+        arrays.append(row_uniforms_np(cache.keys, counters))
+        banned = self._banned(seqs) if cache.any_min_tokens else []
+        if banned:
+            arrays.append(np.ascontiguousarray(np.array(banned, dtype=np.int64).T))
+        return _StepSampling(cache, arrays)
+
+    def _banned(self, seqs: list[Sequence]) -> list[tuple[int, int]]:
+        """(row, token) pairs of stop tokens a row may not draw yet (min_tokens)."""
+        return [(row, token) for row, s in enumerate(seqs)
+                if s.num_output_tokens < s.params.min_tokens
+                for token in self._stop_tokens(s)]
+
+    def _sampling_from(self, step: _StepSampling, views: list[torch.Tensor]) -> SamplingTensors:
+        """SamplingTensors from the uploaded views of step.arrays."""
+        rows = step.rows
+        if not rows.on_device:  # uploaded this step; reused while the rows stay the same
+            rows.on_device, views = views[:4], views[4:]
+        temperature, top_k, top_p, min_p = rows.on_device
         return SamplingTensors(
-            temperature=self._tensor([p.temperature for p in params], torch.float32),
-            top_k=self._tensor([p.top_k for p in params], torch.int64),
-            top_p=self._tensor([p.top_p for p in params], torch.float32),
-            min_p=self._tensor([p.min_p for p in params], torch.float32),
-            uniforms=self._upload(row_uniforms(keys, counters)),  # a few host ops per row
-            banned=self._tensor(banned, torch.int64).T.contiguous() if banned else None,
-            use_sort=any(p.top_k > 0 or p.top_p < 1 for p in params if not p.greedy),
-            use_min_p=any(p.min_p > 0 for p in params if not p.greedy),
-            num_top_logprobs=max(p.logprobs or 0 for p in params),
-            all_greedy=all(greedy), any_greedy=any(greedy),
-            need_raw=any(greedy) or any(p.return_raw_logprobs for p in params),
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            uniforms=views[0], banned=views[1] if len(views) > 1 else None,
+            use_sort=rows.use_sort, use_min_p=rows.use_min_p,
+            num_top_logprobs=rows.num_top_logprobs, all_greedy=rows.all_greedy,
+            any_greedy=rows.any_greedy, need_raw=rows.need_raw,
             fused_kernel=self.fused_sampling)
 
     def _stop_tokens(self, seq: Sequence) -> set[int]:
@@ -211,22 +291,129 @@ class ModelRunner:
         tensors = [out.token_ids, out.logprobs]
         if out.raw_logprobs is not None:
             tensors.append(out.raw_logprobs)
-        host = [t.tolist() for t in torch.stack([t.double() for t in tensors]).cpu()]
-        host[0] = [int(t) for t in host[0]]  # the step's one device->host sync is above
+        # the step's one device->host sync
+        host = torch.stack([t.double() for t in tensors]).cpu().numpy()
+        raw = host[2].tolist() if len(host) > 2 else None
         top = None
         if out.top_token_ids is not None:
             ids, lps = out.top_token_ids.tolist(), out.top_logprobs.tolist()
             top = [list(zip(ids[r], lps[r]))[:seqs[r].params.logprobs or 0]
                    for r in range(len(seqs))]
-        return StepResult(seqs, host[0], host[1], host[2] if len(host) > 2 else None, top)
+        return StepResult(seqs, host[0].astype(np.int64).tolist(), host[1].tolist(), raw, top)
 
 
-def _padded_tables(tables: list[list[int]]) -> torch.Tensor:
-    """Block tables as one [B, max_blocks] int32 tensor padded with -1."""
+def _padded_tables(tables: list[list[int]]) -> np.ndarray:
+    """Block tables as one [B, max_blocks] int32 array padded with -1."""
     widths = [len(t) for t in tables]
     out = np.full((len(tables), max(widths)), -1, dtype=np.int32)
     flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int32, count=sum(widths))
     rows = np.repeat(np.arange(len(tables)), widths)
     cols = np.arange(len(flat)) - np.repeat(np.cumsum(widths) - widths, widths)
     out[rows, cols] = flat
-    return torch.from_numpy(out)
+    return out
+
+
+def _upload_packed(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Device tensors holding these 4- and 8-byte host arrays, moved with ONE copy: all
+    are packed (16-byte aligned each) into one buffer, pinned on CUDA so the copy is
+    asynchronous; the caching host allocator keeps it alive until the copy is done."""
+    # Layout: 8-byte arrays, then 4-byte ones; each padded to 16 bytes by a spare piece.
+    pieces: tuple[list[int], list[int]] = ([], [])  # (int64 units, int32 units)
+    places = []  # per array: (4-byte area?, its piece index, its offset in area units)
+    offsets = [0, 0]
+    for array in arrays:
+        narrow = array.itemsize == 4
+        area, size = pieces[narrow], array.size
+        places.append((narrow, len(area), offsets[narrow]))
+        area.append(size)
+        spare = -size % (4 if narrow else 2)
+        if spare:
+            area.append(spare)
+        offsets[narrow] += size + spare
+    num_wide = offsets[0]
+    host = torch.empty(num_wide + offsets[1] // 2, dtype=torch.int64,
+                       pin_memory=device.type == "cuda")
+    wide_area = host.numpy()
+    areas = (wide_area, wide_area[num_wide:].view(np.int32))
+    typed = {}  # (area, dtype) -> the area viewed as that dtype
+    for array, (narrow, _, offset) in zip(arrays, places):
+        area = typed.get((narrow, array.dtype))
+        if area is None:
+            area = typed[narrow, array.dtype] = areas[narrow].view(array.dtype)
+        area[offset:offset + array.size] = array.ravel() if array.ndim != 1 else array
+    on_device = host if device.type == "cpu" else host.to(device, non_blocking=True)
+    chunks = (on_device[:num_wide].split_with_sizes(pieces[0]) if pieces[0] else (),
+              on_device[num_wide:].view(torch.int32).split_with_sizes(pieces[1])
+              if pieces[1] else ())
+    views = []
+    for array, (narrow, piece, _) in zip(arrays, places):
+        view = chunks[narrow][piece]
+        if array.dtype.kind == "f":
+            view = view.view(torch.float32 if narrow else torch.float64)
+        views.append(view.view(array.shape) if array.ndim != 1 else view)
+    return views
+
+
+@dataclass
+class _HostInputs:
+    """_Inputs before the upload: [input_ids, positions, slot_mapping, query_start_loc,
+    context_lens, block_tables] as numpy arrays."""
+
+    arrays: list[np.ndarray]
+    max_query_len: int
+    max_context_len: int
+    sample_rows: list[int]
+    sample_seqs: list[Sequence]
+    score_rows: list
+    rows: list
+    verify_rows: list
+    sample_positions: np.ndarray | None  # decode steps: each sampled row's position
+
+
+@dataclass
+class _SamplingRows:
+    """Sampling settings of a list of sequences as host arrays; they never change during a
+    request, so they are rebuilt only when the batch's sequences change."""
+
+    seqs: list[Sequence]
+    temperature: np.ndarray  # float32
+    top_k: np.ndarray  # int64
+    top_p: np.ndarray  # float32
+    min_p: np.ndarray  # float32
+    keys: np.ndarray  # int64 noise keys
+    prompt_lens: np.ndarray  # int64
+    any_min_tokens: bool
+    use_sort: bool
+    use_min_p: bool
+    num_top_logprobs: int
+    all_greedy: bool
+    any_greedy: bool
+    need_raw: bool
+    on_device: list[torch.Tensor] | None = None  # temperature, top_k, top_p, min_p
+
+    @classmethod
+    def build(cls, seqs: list[Sequence]) -> "_SamplingRows":
+        params = [s.params for s in seqs]
+        # Flags from float64 copies: float32 could round e.g. top_p=0.99999999 up to 1.
+        temperature = np.array([p.temperature for p in params], dtype=np.float64)
+        top_k = np.array([p.top_k for p in params], dtype=np.int64)
+        top_p = np.array([p.top_p for p in params], dtype=np.float64)
+        min_p = np.array([p.min_p for p in params], dtype=np.float64)
+        sampled = temperature != 0  # not greedy
+        any_greedy = not sampled.all()
+        return cls(list(seqs), temperature.astype(np.float32), top_k,
+                   top_p.astype(np.float32), min_p.astype(np.float32),
+                   np.array([s.noise_key for s in seqs], dtype=np.uint64).view(np.int64),
+                   np.array([s.num_prompt_tokens for s in seqs], dtype=np.int64),
+                   any(p.min_tokens > 0 for p in params),
+                   bool((((top_k > 0) | (top_p < 1)) & sampled).any()),
+                   bool(((min_p > 0) & sampled).any()),
+                   max(p.logprobs or 0 for p in params),
+                   not sampled.any(), any_greedy,
+                   any_greedy or any(p.return_raw_logprobs for p in params))
+
+
+@dataclass
+class _StepSampling:
+    rows: _SamplingRows
+    arrays: list[np.ndarray]  # [temperature, top_k, top_p, min_p,] uniforms[, banned [2, N]]

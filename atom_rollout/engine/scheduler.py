@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from .block_manager import BlockManager
+from .block_manager import BlockManager, BlockTables
 from .sequence import Sequence, SequenceStatus
 
 
@@ -13,10 +13,25 @@ from .sequence import Sequence, SequenceStatus
 class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]  # tokens each sequence computes this step
+    # Sequences that compute just their last token and sample the next (no drafts, not
+    # scoring); when it is every sequence the runner takes its decode fast path.
+    num_decode: int = 0
+    tables: BlockTables | None = None  # the block manager's mirror of seq.block_table
 
     @property
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
+
+    @property
+    def is_decode(self) -> bool:
+        return 0 < len(self.seqs) == self.num_decode
+
+    def add(self, seq: Sequence, num_new: int) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(num_new)
+        if (num_new == 1 and seq.num_computed_tokens + 1 == len(seq.token_ids)
+                and not seq.draft_tokens and not seq.is_score):
+            self.num_decode += 1
 
 
 class Scheduler:
@@ -35,30 +50,47 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch([], [])
+        batch = ScheduledBatch([], [], tables=self.blocks.tables)
         budget = self._schedule_running(batch, self.max_num_batched_tokens)
         if len(batch.seqs) == len(self.running):  # no preemption this step
             self._admit_waiting(batch, budget)
         return batch
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
-        index = 0
-        while index < len(self.running) and budget > 0:
-            seq = self.running[index]
-            if seq.draft_tokens and seq.num_pending_tokens > budget:
-                seq.clear_drafts()  # a verify step is never split across steps
-            num_new = min(seq.num_pending_tokens, budget)
-            while not self.blocks.can_grow(seq, num_new) and self.running[-1] is not seq:
-                self.preempt(self.running[-1])
-            if not self.blocks.can_grow(seq, num_new):
-                self.preempt(seq)
+        grow_decode = self.blocks.grow_decode
+        seqs, counts, fast = batch.seqs, batch.num_new_tokens, 0
+        # _make_room only ever preempts sequences after this one, or this one (then we
+        # stop), so iterating the live list is safe.
+        for seq in self.running:
+            if budget <= 0:
                 break
-            self.blocks.grow(seq, num_new)
-            batch.seqs.append(seq)
-            batch.num_new_tokens.append(num_new)
+            if not seq.is_score and grow_decode(seq):  # no preemption can be needed
+                seqs.append(seq)
+                counts.append(1)
+                fast += 1
+                budget -= 1
+                continue
+            num_new = self._make_room(seq, budget)
+            if not num_new:
+                break
+            batch.add(seq, num_new)
             budget -= num_new
-            index += 1
+        batch.num_decode += fast
         return budget
+
+    def _make_room(self, seq: Sequence, budget: int) -> int:
+        """Grow a running sequence's blocks for its next tokens, preempting the most
+        recently admitted ones if needed; 0 when it was preempted itself."""
+        if seq.draft_tokens and seq.num_pending_tokens > budget:
+            seq.clear_drafts()  # a verify step is never split across steps
+        num_new = min(seq.num_pending_tokens, budget)
+        while not self.blocks.can_grow(seq, num_new) and self.running[-1] is not seq:
+            self.preempt(self.running[-1])
+        if not self.blocks.can_grow(seq, num_new):
+            self.preempt(seq)
+            return 0
+        self.blocks.grow(seq, num_new)
+        return num_new
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -71,8 +103,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            batch.seqs.append(seq)
-            batch.num_new_tokens.append(num_new)
+            batch.add(seq, num_new)
             budget -= num_new
 
     def preempt(self, seq: Sequence) -> None:

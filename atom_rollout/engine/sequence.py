@@ -32,6 +32,7 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     block_table: list[int] = field(default_factory=list)
+    table_row: int = -1  # this sequence's row in BlockManager.tables while it holds blocks
     num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
     cacheable: bool = True  # False once its KV mixes weight versions
     finish_reason: str | None = None
@@ -44,6 +45,7 @@ class Sequence:
     draft_logprobs: object = None  # [k, V] tensor: the processed draft distributions
     num_drafts_proposed: int = 0
     num_drafts_accepted: int = 0
+    stop_ids: frozenset[int] | None = None  # stop tokens plus EOS unless ignored; set by the core
 
     @property
     def num_tokens(self) -> int:
@@ -75,10 +77,11 @@ class Sequence:
         return self.status == SequenceStatus.FINISHED
 
     def append_token(self, token_id: int, logprob: float, weight_version: int) -> None:
-        position = self.num_output_tokens
         self.token_ids.append(token_id)
         self.logprobs.append(logprob)
-        if self.version_spans and self.version_spans[-1][0] == weight_version:
-            self.version_spans[-1][2] = position + 1
+        end = len(self.token_ids) - self.num_prompt_tokens
+        spans = self.version_spans
+        if spans and spans[-1][0] == weight_version:
+            spans[-1][2] = end
         else:
-            self.version_spans.append([weight_version, position, position + 1])
+            spans.append([weight_version, end - 1, end])

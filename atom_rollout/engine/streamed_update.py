@@ -3,53 +3,125 @@
 Staging the whole update and copying it in after the last bucket costs one more full
 pass over the weights after the wire (~12 ms for an 8B model on an H100). Instead every
 landed bucket is written at once, overlapping the transfer of the next buckets, and
-stays undoable: the parameter slices a bucket overwrites are first saved into that
-bucket's own receive buffer (a swap through one temporary copy), so the receive buffers
-end up holding the previous weights. A failure at any point swaps them back:
+stays undoable: the parameter slices a bucket overwrites are first copied aside, into
+the receive buffer of the bucket before it (its data is already in the model) or, for
+the first bucket, into a scratch buffer. A failure at any point copies them back:
 - names and shapes are checked from the update's header, before any bucket is written;
 - non-finite values are flagged per bucket on the device and read once at the end;
 - a dead or stalled trainer ends the receive with an error.
-Nothing may run a forward between the first bucket and `commit`/`rollback`: callers
-hold the engine for the whole receive.
+After an update the receive buffers hold no usable tensors. Nothing may run a forward
+between the first bucket and `commit`/`rollback`: callers hold the engine throughout.
+An RL run repeats one layout, so the name matching and parameter views are computed once
+per layout and reused.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from ..models import WeightMap
-from ..models.loader import Target
 from ..weight_sync.bucketing import BucketPlan
+
+_ALIGN = 16  # bytes; every saved slice starts aligned for any dtype view
+
+
+@dataclass
+class _BucketLayout:
+    picks: list[int]  # positions in the bucket's view list that go into the model
+    names: list[str]
+    params: list[torch.Tensor]  # the parameter slices they overwrite
+    flat_params: list[torch.Tensor]  # the same, 1-D (parameter slices are contiguous)
+    dtype: torch.dtype | None  # their dtype when they share one (the usual case)
+
+    @property
+    def saved_bytes(self) -> int:
+        """Room needed to keep the slices aside."""
+        return sum(_aligned(p) for p in self.params)
+
+    def saved_slices(self, room: torch.Tensor) -> list[torch.Tensor]:
+        """1-D views of a flat uint8 buffer, one per parameter slice."""
+        if self.dtype is not None:  # one split instead of a view per tensor
+            typed = room[:self.saved_bytes].view(self.dtype)
+            sizes = [_aligned(p) // p.element_size() for p in self.params]
+            return [piece[:p.numel()] for piece, p in zip(typed.split(sizes), self.params)]
+        out, offset = [], 0
+        for p in self.params:
+            out.append(room[offset:offset + p.numel() * p.element_size()].view(p.dtype))
+            offset += _aligned(p)
+        return out
 
 
 class StreamedUpdate:
-    def __init__(self, weight_map: WeightMap, partial: bool = True,
-                 check_finite: bool = True) -> None:
-        self.weight_map, self.partial, self.check_finite = weight_map, partial, check_finite
-        self._plan: BucketPlan | None = None
-        self._targets: dict[int, Target] = {}  # plan tensor index -> where it goes
+    def __init__(self, weight_map: WeightMap) -> None:
+        self.weight_map = weight_map
+        self.check_finite = True
+        self._layout_key: tuple | None = None
+        self._layouts: list[_BucketLayout] = []
+        self._scratch: torch.Tensor | None = None
+        self._scratch_in_use = False
+        self._previous_buffer: torch.Tensor | None = None
         self._undo: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
         self._finite: list[tuple[list[str], torch.Tensor]] = []
 
-    def check_plan(self, plan: BucketPlan) -> None:
+    def begin(self, partial: bool = True, check_finite: bool = True):
+        """Start one update; returns the plan hook for the receiver."""
+        self.rollback()
+        self.check_finite = check_finite
+        return lambda plan: self.check_plan(plan, partial)
+
+    def check_plan(self, plan: BucketPlan, partial: bool = True) -> None:
         """Reject unknown names, wrong shapes and (partial=False) missing tensors."""
+        key = (plan, partial, self._param_addresses())
+        if key != self._layout_key:
+            self._layouts = self._plan_layouts(plan, partial)
+            self._layout_key = key
+
+    def _param_addresses(self) -> tuple[int, ...]:
+        # parameters move on sleep(offload_weights=True) / wake_up(): views must follow
+        return tuple(t.param.data_ptr() for t in self.weight_map.targets.values())
+
+    def _plan_layouts(self, plan: BucketPlan, partial: bool) -> list[_BucketLayout]:
         entries = [(t.name, t.shape) for t in plan.tensors]
-        self._targets = dict(self.weight_map.match(entries, self.partial))
-        self._plan = plan
+        target_of = dict(self.weight_map.match(entries, partial))
+        layouts = []
+        for index in range(len(plan.buckets)):
+            members = plan.members(index)
+            picks = [pos for pos, i in enumerate(members) if i in target_of]
+            params = [target_of[members[pos]].view() for pos in picks]
+            dtypes = {p.dtype for p in params}
+            layouts.append(_BucketLayout(
+                picks, [plan.tensors[members[p]].name for p in picks], params,
+                [p.view(-1) for p in params], dtypes.pop() if len(dtypes) == 1 else None))
+        return layouts
 
     @torch.no_grad()
     def apply_bucket(self, index: int, views: list[tuple[str, torch.Tensor]]) -> None:
         """Write one landed bucket (its views in plan order), keeping what it overwrote."""
-        members = self._plan.members(index)
-        picked = [(name, view, self._targets[i])
-                  for (name, view), i in zip(views, members) if i in self._targets]
-        if not picked:
-            return
-        names = [name for name, _, _ in picked]
-        incoming = [view for _, view, _ in picked]
-        params = [target.view() for _, _, target in picked]
-        if self.check_finite:
-            self._flag_non_finite(names, incoming)
-        self._undo.append(_swap_in(params, incoming))
+        layout = self._layouts[index]
+        buffer = _whole_buffer(views[0][1]) if views else None
+        if layout.params:
+            incoming = [views[pos][1] for pos in layout.picks]
+            if self.check_finite:
+                self._flag_non_finite(layout.names, incoming)
+            saved = layout.saved_slices(self._room(layout.saved_bytes, layout.params[0].device))
+            torch._foreach_copy_(saved, layout.flat_params)
+            torch._foreach_copy_(layout.params, incoming)
+            self._undo.append((layout.flat_params, saved))
+        self._previous_buffer = buffer  # consumed above: the next bucket's spare room
+
+    def _room(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        spare = self._previous_buffer
+        if spare is not None and spare.numel() >= nbytes and spare.device == device:
+            self._previous_buffer = None
+            return spare
+        if self._scratch_in_use:  # it holds an earlier bucket's slices
+            return torch.empty(nbytes, dtype=torch.uint8, device=device)
+        if (self._scratch is None or self._scratch.numel() < nbytes
+                or self._scratch.device != device):
+            self._scratch = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self._scratch_in_use = True
+        return self._scratch
 
     def _flag_non_finite(self, names: list[str], tensors: list[torch.Tensor]) -> None:
         sized = [(n, t) for n, t in zip(names, tensors) if t.is_floating_point() and t.numel()]
@@ -68,7 +140,7 @@ class StreamedUpdate:
                 self.rollback()
                 shown = ", ".join(bad[:20]) + (f", ... ({len(bad)} in all)" if len(bad) > 20 else "")
                 raise ValueError(f"named_tensors: non_finite tensors: {shown}")
-        self._undo, self._finite = [], []
+        self._end()
 
     @torch.no_grad()
     def rollback(self) -> None:
@@ -76,21 +148,19 @@ class StreamedUpdate:
         at its original value)."""
         for params, saved in reversed(self._undo):
             torch._foreach_copy_(params, saved)
+        self._end()
+
+    def _end(self) -> None:
         self._undo, self._finite = [], []
+        self._previous_buffer, self._scratch_in_use = None, False
 
 
-def _swap_in(params: list[torch.Tensor],
-             incoming: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """params <- incoming; returns (params, tensors now holding the old values). The old
-    values go back into the receive buffer when its dtype holds them exactly."""
-    old = torch._foreach_mul(params, 1)  # a multi-tensor clone (x * 1 keeps -0.0 and NaN)
-    torch._foreach_copy_(params, incoming)
-    if all(_holds(buf.dtype, p.dtype) for buf, p in zip(incoming, params)):
-        torch._foreach_copy_(incoming, old)
-        return params, incoming
-    return params, old
+def _aligned(t: torch.Tensor) -> int:
+    return -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
 
 
-def _holds(buffer_dtype: torch.dtype, param_dtype: torch.dtype) -> bool:
-    return buffer_dtype == param_dtype or torch.promote_types(buffer_dtype,
-                                                             param_dtype) == buffer_dtype
+def _whole_buffer(view: torch.Tensor) -> torch.Tensor:
+    """The flat uint8 receive buffer a bucket view lives in (each bucket has its own)."""
+    storage = view.untyped_storage()
+    flat = torch.empty(0, dtype=torch.uint8, device=view.device)
+    return flat.set_(storage, 0, (storage.nbytes(),))

@@ -33,16 +33,8 @@ def check_backend(backend: str) -> str:
 
 
 def _require_mori() -> None:
-    try:
-        import mori  # noqa: F401
-    except ImportError as e:
-        raise ImportError(
-            "backend='mori' needs the 'mori' package (AMD MoRI, github.com/ROCm/mori), "
-            f"which does not import here ({e}); on ROCm use backend='nccl' (RCCL)") from e
-    raise NotImplementedError(
-        "backend='mori': the 'mori' package imports, but atom-rollout has no MoRI "
-        "broadcast path yet (MoRI's Python collectives are intra-node SDMA ops whose API "
-        "is still changing); use backend='nccl', which is RCCL on ROCm")
+    from .mori_backend import require_mori_io
+    require_mori_io()
 
 
 def resolve_device(backend: str, device: torch.device | str | int | None) -> torch.device:
@@ -83,7 +75,7 @@ class SyncGroup:
             self.store = dist.TCPStore(master_address, master_port, world_size,
                                        is_master=rank == 0, timeout=timeout,
                                        wait_for_workers=False)
-            self._pg = self._make_backend(dist.PrefixStore("atom_ws/pg", self.store))
+            self._pg = self._make_backend(master_address)
             self._warm_up()
         except WeightSyncError:
             raise
@@ -91,7 +83,12 @@ class SyncGroup:
             raise WeightSyncError(f"weight-sync rendezvous at {master_address}:{master_port} "
                                   f"(rank {rank}/{world_size}) failed: {e}") from e
 
-    def _make_backend(self, store: dist.Store):
+    def _make_backend(self, master_address: str):
+        if self.backend == "mori":
+            from .mori_backend import MoriTransport
+            return MoriTransport(dist.PrefixStore("atom_ws/mori", self.store), self.rank,
+                                 self.world_size, self.device, self.timeout_s, master_address)
+        store = dist.PrefixStore("atom_ws/pg", self.store)
         if self.backend == "gloo":
             return dist.ProcessGroupGloo(store, self.rank, self.world_size,
                                          timedelta(seconds=self.timeout_s))
@@ -106,11 +103,16 @@ class SyncGroup:
 
     def barrier(self, deadline: float) -> None:
         """All ranks leave together (host level): a one-byte broadcast, completed."""
+        if self.backend == "mori":
+            self._pg.barrier(deadline)
+            return
         probe = torch.zeros(1, dtype=torch.uint8, device=self.device)
         self.finish([self.broadcast(probe, deadline)], deadline)
 
     def broadcast(self, tensor: torch.Tensor, deadline: float):
         """Start a broadcast from rank 0 that must end by `deadline`; returns its Work."""
+        if self.backend == "mori":
+            return self._pg.broadcast(tensor, deadline)
         remaining = max(deadline - time.monotonic(), 1e-3)
         if self.backend == "nccl":
             remaining += _NCCL_WATCHDOG_SLACK_S
@@ -124,7 +126,7 @@ class SyncGroup:
 
     def wait(self, work, deadline: float) -> None:
         """Order later work after `work`: a stream wait on CUDA (no host sync), a host
-        wait with the remaining time on CPU."""
+        wait with the remaining time on CPU and for MoRI (which moves bytes off-stream)."""
         if self.backend == "nccl":
             work.wait()
             return
@@ -143,6 +145,8 @@ class SyncGroup:
         remaining = deadline - time.monotonic()
         try:
             work.wait(timedelta(seconds=max(remaining, 1e-3)))
+        except WeightSyncError:  # MoRI works raise ours already
+            raise
         except RuntimeError as e:
             if time.monotonic() >= deadline or "Timed out" in str(e):
                 raise WeightSyncTimeout(f"broadcast timed out: {e}") from e
@@ -168,6 +172,9 @@ class SyncGroup:
             pass
 
     def close(self) -> None:
+        if self.backend == "mori":
+            self._pg.close()
+            return
         try:
             self._pg.shutdown()
         except (RuntimeError, AttributeError):

@@ -1,0 +1,166 @@
+"""Decode/verify graphs (engine/cuda_graphs.py) with and without MTP speculation.
+
+On CPU, DecodeGraphs runs its padded static-buffer forward eagerly, which checks the
+layout, padding and runner plumbing; the CUDA tests replay real graphs."""
+import collections
+
+import pytest
+import torch
+
+from atom_rollout import RolloutEngine, SamplingParams
+from atom_rollout.engine.cuda_graphs import DecodeGraphs
+from conftest import hf_logits
+from models import add_mtp_head, build_checkpoint
+
+PROMPTS = [[5, 9, 14, 3], [7] * 21, list(range(10, 47)), [4, 4, 8], list(range(60, 71))]
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def mtp_checkpoint(tmp_path_factory):
+    """A head distilled on PROMPTS: drafts are often accepted, several per step."""
+    path = tmp_path_factory.mktemp("mtp_graphs")
+    model = build_checkpoint(path, "llama")
+    return add_mtp_head(path, model, PROMPTS), model
+
+
+def _cpu_graphs(engine, query_lens, max_batch=8) -> collections.Counter:
+    """Give a CPU engine DecodeGraphs (run eagerly); returns replays counted by q."""
+    core = engine.core
+    graphs = DecodeGraphs(core.model, core.ops, core.runner.kv_caches, max_batch,
+                          core.max_model_len + 2 * core.num_draft, core.config.block_size,
+                          core.device, query_lens=query_lens, keep_hidden=bool(core.num_draft))
+    graphs.capture()
+    calls, run = collections.Counter(), graphs.run
+
+    def counted(query_len, *args):
+        calls[query_len] += 1
+        return run(query_len, *args)
+    graphs.run = counted
+    core.runner.graphs = graphs
+    return calls
+
+
+def _tokens(outs):
+    return [[s.token_ids for s in o.samples] for o in outs]
+
+
+def _assert_same(outs, ref, atol):
+    assert _tokens(outs) == _tokens(ref)
+    for out, r in zip(outs, ref):
+        for a, b in zip(out.samples, r.samples):
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=atol)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_cpu_verify_graphs_keep_greedy_exact(mtp_checkpoint, k, batch):
+    model_dir, _ = mtp_checkpoint
+    greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    plain = RolloutEngine(model_dir, device="cpu", show_progress=False).generate_batch(
+        PROMPTS[:batch], greedy)
+    engine = RolloutEngine(model_dir, device="cpu", show_progress=False,
+                           num_speculative_tokens=k)
+    calls = _cpu_graphs(engine, (k + 1,))
+    _assert_same(engine.generate_batch(PROMPTS[:batch], greedy), plain, 1e-4)
+    assert calls[k + 1] > 0 and engine.stats()["drafts_proposed"] > 0
+    stats = engine.stats()
+    assert stats["free_kv_blocks"] == stats["num_kv_blocks"]
+
+
+def test_cpu_verify_graphs_sampled_logprobs_are_the_targets(mtp_checkpoint):
+    from test_generate_vs_transformers import _hf_processed
+    model_dir, model = mtp_checkpoint
+    params = SamplingParams(n=2, temperature=0.8, top_p=0.9, max_tokens=16, ignore_eos=True,
+                            seed=3)
+    engine = RolloutEngine(model_dir, device="cpu", show_progress=False,
+                           num_speculative_tokens=3)
+    calls = _cpu_graphs(engine, (4,), max_batch=4)  # 10 samples: eager until 4 are left
+    outs = engine.generate_batch(PROMPTS, params)
+    assert calls[4] > 0
+    for prompt, out in zip(PROMPTS, outs):
+        for sample in out.samples:
+            logits = hf_logits(model, prompt + sample.token_ids)[len(prompt) - 1:-1]
+            expected = _hf_processed(logits, params).gather(
+                -1, torch.tensor(sample.token_ids)[:, None])[:, 0]
+            assert torch.allclose(torch.tensor(sample.logprobs), expected, atol=1e-4)
+    eager = RolloutEngine(model_dir, device="cpu", show_progress=False,
+                          num_speculative_tokens=3)
+    _assert_same(outs, eager.generate_batch(PROMPTS, params), 1e-4)
+
+
+def test_cpu_decode_graphs_of_a_speculative_engine(mtp_checkpoint):
+    """A token budget below k + 1 drops every draft: the speculative engine then runs
+    1-token decode steps, whose graphs must also return hidden states."""
+    model_dir, _ = mtp_checkpoint
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    plain = RolloutEngine(model_dir, device="cpu", show_progress=False).generate_batch(
+        PROMPTS[:1], greedy)
+    engine = RolloutEngine(model_dir, device="cpu", show_progress=False, num_speculative_tokens=3,
+                           max_num_batched_tokens=3)
+    calls = _cpu_graphs(engine, (1, 4))
+    _assert_same(engine.generate_batch(PROMPTS[:1], greedy), plain, 1e-4)
+    assert calls[1] > 0
+
+
+def test_cpu_decode_graphs_with_a_one_token_prompt_chunk(mtp_checkpoint):
+    """A tight budget schedules decodes next to a 1-token prompt chunk that samples
+    nothing: the graph's logits must be narrowed to the sampling rows."""
+    model_dir, _ = mtp_checkpoint
+    params = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True, seed=1)
+    prompts = [[5, 6], [7, 8], list(range(20, 30))]
+    plain = RolloutEngine(model_dir, device="cpu", show_progress=False).generate_batch(
+        prompts, params)
+    engine = RolloutEngine(model_dir, device="cpu", show_progress=False, max_num_batched_tokens=3)
+    calls = _cpu_graphs(engine, (1,))
+    _assert_same(engine.generate_batch(prompts, params), plain, 1e-4)
+    assert calls[1] > 0
+
+
+# ---- CUDA: real graph replays
+
+def _gpu_engine(model_dir, dtype, **options):
+    return RolloutEngine(model_dir, device="cuda", dtype=dtype, show_progress=False,
+                         max_num_seqs=16, **options)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_gpu_speculative_graphs_equal_eager_and_plain(mtp_checkpoint, k, batch):
+    model_dir, _ = mtp_checkpoint
+    prompts = PROMPTS[:batch]
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    plain = _gpu_engine(model_dir, "float32").generate_batch(prompts, greedy)
+    graphed = _gpu_engine(model_dir, "float32", num_speculative_tokens=k)
+    assert graphed.core.runner.graphs is not None
+    replays = collections.Counter()
+    run = graphed.core.runner.graphs.run
+    graphed.core.runner.graphs.run = lambda q, *a: replays.update([q]) or run(q, *a)
+    eager = _gpu_engine(model_dir, "float32", num_speculative_tokens=k, enforce_eager=True)
+    assert eager.core.runner.graphs is None
+    out_graphs = graphed.generate_batch(prompts, greedy)
+    assert replays[k + 1] > 0
+    _assert_same(out_graphs, plain, 1e-4)
+    _assert_same(eager.generate_batch(prompts, greedy), plain, 1e-4)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_gpu_speculative_graphs_sampled_logprobs(mtp_checkpoint, k, batch):
+    from test_generate_vs_transformers import _hf_processed
+    model_dir, model = mtp_checkpoint
+    prompts = PROMPTS[:batch]
+    params = SamplingParams(n=2, temperature=0.8, top_p=0.9, max_tokens=16, ignore_eos=True,
+                            seed=5)
+    graphed = _gpu_engine(model_dir, "float32", num_speculative_tokens=k)
+    outs = graphed.generate_batch(prompts, params)
+    for prompt, out in zip(prompts, outs):
+        for sample in out.samples:
+            logits = hf_logits(model, prompt + sample.token_ids)[len(prompt) - 1:-1]
+            expected = _hf_processed(logits, params).gather(
+                -1, torch.tensor(sample.token_ids)[:, None])[:, 0]
+            assert torch.allclose(torch.tensor(sample.logprobs), expected, atol=1e-3)
+    eager = _gpu_engine(model_dir, "float32", num_speculative_tokens=k, enforce_eager=True)
+    _assert_same(outs, eager.generate_batch(prompts, params), 1e-3)
