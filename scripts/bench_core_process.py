@@ -54,7 +54,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--json", default="core_process_overhead.json")
     args = parser.parse_args(argv)
     model_dir = random_model_dir(args.model) if args.model in SHAPES else args.model
-    options = dict(device=args.device, show_progress=False)
+    # both engines live at once: each gets a fixed KV cache (32k tokens) and short context
+    options = dict(device=args.device, show_progress=False, max_model_len=4096,
+                   num_kv_blocks=2048)
     local = RolloutEngine(model_dir, **options)
     remote = AsyncRolloutEngine(model_dir, **options)
     rows = []

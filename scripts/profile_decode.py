@@ -1,13 +1,16 @@
 """Where a decode step's time goes: host-side Python (cProfile) and GPU kernels
-(torch.profiler), for the Qwen3-0.6B shape at a given batch size.
+(torch.profiler), for a model shape (random weights) or a model directory, optionally
+with MTP speculation (--k, needs a checkpoint with an MTP head).
 
   python scripts/profile_decode.py --batch 1
+  python scripts/profile_decode.py --model /tmp/smollm2 --k 3 --batch 1
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import time
 
@@ -24,9 +27,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--k", type=int, default=0, help="speculative tokens per step")
     args = parser.parse_args()
-    engine = RolloutEngine(config_dir(args.model), load_format="dummy", max_model_len=4096,
-                           show_progress=False)
+    if os.path.isdir(args.model):
+        engine = RolloutEngine(args.model, max_model_len=4096, show_progress=False,
+                               num_speculative_tokens=args.k)
+    else:
+        engine = RolloutEngine(config_dir(args.model), load_format="dummy",
+                               max_model_len=4096, show_progress=False)
     prompts = [[5 + i] * 128 for i in range(args.batch)]
     params = SamplingParams(temperature=args.temperature, max_tokens=args.tokens,
                             ignore_eos=True)
@@ -34,7 +42,7 @@ def main() -> None:
     torch.cuda.synchronize()
     start = time.perf_counter()
     engine.generate_batch(prompts, params)
-    print(f"{(time.perf_counter() - start) / args.tokens * 1e3:.3f} ms/step wall")
+    print(f"{(time.perf_counter() - start) / args.tokens * 1e3:.3f} ms per output token, wall")
     profiler = cProfile.Profile()
     profiler.enable()
     engine.generate_batch(prompts, params)

@@ -33,6 +33,9 @@ class _BucketLayout:
     params: list[torch.Tensor]  # the parameter slices they overwrite
     flat_params: list[torch.Tensor]  # the same, 1-D (parameter slices are contiguous)
     dtype: torch.dtype | None  # their dtype when they share one (the usual case)
+    covers_bucket: bool  # every tensor of the bucket goes into the model
+    _saved: list[torch.Tensor] | None = None
+    _saved_key: tuple | None = None
 
     @property
     def saved_bytes(self) -> int:
@@ -40,7 +43,14 @@ class _BucketLayout:
         return sum(_aligned(p) for p in self.params)
 
     def saved_slices(self, room: torch.Tensor) -> list[torch.Tensor]:
-        """1-D views of a flat uint8 buffer, one per parameter slice."""
+        """1-D views of a flat uint8 buffer, one per parameter slice (cached: in an RL
+        run bucket i always keeps its slices in the same buffer)."""
+        key = (room.data_ptr(), room.numel())
+        if self._saved_key != key:
+            self._saved, self._saved_key = self._slices(room), key
+        return self._saved
+
+    def _slices(self, room: torch.Tensor) -> list[torch.Tensor]:
         if self.dtype is not None:  # one split instead of a view per tensor
             typed = room[:self.saved_bytes].view(self.dtype)
             sizes = [_aligned(p) // p.element_size() for p in self.params]
@@ -55,6 +65,7 @@ class _BucketLayout:
 class StreamedUpdate:
     def __init__(self, weight_map: WeightMap) -> None:
         self.weight_map = weight_map
+        self._params = list({id(t.param): t.param for t in weight_map.targets.values()}.values())
         self.check_finite = True
         self._layout_key: tuple | None = None
         self._layouts: list[_BucketLayout] = []
@@ -62,7 +73,7 @@ class StreamedUpdate:
         self._scratch_in_use = False
         self._previous_buffer: torch.Tensor | None = None
         self._undo: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
-        self._finite: list[tuple[list[str], torch.Tensor]] = []
+        self._finite: list[tuple[int, torch.Tensor]] = []  # (bucket, its max |value|)
 
     def begin(self, partial: bool = True, check_finite: bool = True):
         """Start one update; returns the plan hook for the receiver."""
@@ -72,14 +83,16 @@ class StreamedUpdate:
 
     def check_plan(self, plan: BucketPlan, partial: bool = True) -> None:
         """Reject unknown names, wrong shapes and (partial=False) missing tensors."""
-        key = (plan, partial, self._param_addresses())
-        if key != self._layout_key:
+        addresses = self._param_addresses()
+        key = self._layout_key
+        if key is None or not (key[0] is plan or key[0] == plan) or key[1:] != (partial,
+                                                                                addresses):
             self._layouts = self._plan_layouts(plan, partial)
-            self._layout_key = key
+            self._layout_key = (plan, partial, addresses)
 
     def _param_addresses(self) -> tuple[int, ...]:
         # parameters move on sleep(offload_weights=True) / wake_up(): views must follow
-        return tuple(t.param.data_ptr() for t in self.weight_map.targets.values())
+        return tuple(p.data_ptr() for p in self._params)
 
     def _plan_layouts(self, plan: BucketPlan, partial: bool) -> list[_BucketLayout]:
         entries = [(t.name, t.shape) for t in plan.tensors]
@@ -92,7 +105,8 @@ class StreamedUpdate:
             dtypes = {p.dtype for p in params}
             layouts.append(_BucketLayout(
                 picks, [plan.tensors[members[p]].name for p in picks], params,
-                [p.view(-1) for p in params], dtypes.pop() if len(dtypes) == 1 else None))
+                [p.view(-1) for p in params], dtypes.pop() if len(dtypes) == 1 else None,
+                len(picks) == len(members)))
         return layouts
 
     @torch.no_grad()
@@ -103,7 +117,7 @@ class StreamedUpdate:
         if layout.params:
             incoming = [views[pos][1] for pos in layout.picks]
             if self.check_finite:
-                self._flag_non_finite(layout.names, incoming)
+                self._flag_non_finite(index, layout, buffer, incoming)
             saved = layout.saved_slices(self._room(layout.saved_bytes, layout.params[0].device))
             torch._foreach_copy_(saved, layout.flat_params)
             torch._foreach_copy_(layout.params, incoming)
@@ -123,24 +137,41 @@ class StreamedUpdate:
         self._scratch_in_use = True
         return self._scratch
 
-    def _flag_non_finite(self, names: list[str], tensors: list[torch.Tensor]) -> None:
-        sized = [(n, t) for n, t in zip(names, tensors) if t.is_floating_point() and t.numel()]
-        if sized:
-            peaks = torch._foreach_norm([t for _, t in sized], ord=float("inf"))
-            self._finite.append(([n for n, _ in sized], torch.isfinite(torch.stack(peaks))))
+    def _flag_non_finite(self, index: int, layout: _BucketLayout, buffer: torch.Tensor,
+                         incoming: list[torch.Tensor]) -> None:
+        """One max-abs reduction over the bucket (NaN and inf survive a max); which
+        tensors were bad is only worked out if one was."""
+        dtype = incoming[0].dtype
+        if not dtype.is_floating_point:
+            return
+        if layout.covers_bucket:
+            peak = torch.linalg.vector_norm(buffer.view(dtype), ord=float("inf"))
+        else:
+            peak = torch.stack(torch._foreach_norm(incoming, ord=float("inf"))).max()
+        self._finite.append((index, peak))
 
     def commit(self) -> None:
         """After the last bucket: one host read of the finiteness flags; roll back and
         raise ValueError naming the tensors if any held NaN/inf."""
         if self._finite:
-            flags = torch.cat([f for _, f in self._finite]).cpu().tolist()
-            names = [n for group, _ in self._finite for n in group]
-            bad = [n for n, ok in zip(names, flags) if not ok]
-            if bad:
+            finite = torch.isfinite(torch.stack([peak for _, peak in self._finite])).tolist()
+            bad_buckets = [index for (index, _), ok in zip(self._finite, finite) if not ok]
+            if bad_buckets:
+                bad = self._non_finite_names(bad_buckets) or [
+                    f"bucket {i}" for i in bad_buckets]  # e.g. overflow only in transit
                 self.rollback()
                 shown = ", ".join(bad[:20]) + (f", ... ({len(bad)} in all)" if len(bad) > 20 else "")
                 raise ValueError(f"named_tensors: non_finite tensors: {shown}")
         self._end()
+
+    def _non_finite_names(self, buckets: list[int]) -> list[str]:
+        """The bad buckets' data now sits in the parameters (not yet rolled back)."""
+        names = []
+        for index in buckets:
+            layout = self._layouts[index]
+            peaks = torch.stack(torch._foreach_norm(layout.params, ord=float("inf")))
+            names += [n for n, ok in zip(layout.names, torch.isfinite(peaks).tolist()) if not ok]
+        return names
 
     @torch.no_grad()
     def rollback(self) -> None:
