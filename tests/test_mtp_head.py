@@ -31,6 +31,45 @@ def test_head_and_engine_layer_compute_the_same(tmp_path, checkpoints):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_chain_is_the_engines_draft_chain(tmp_path, checkpoints):
+    """head.chain's rows of origin i equal the engine's drafting after catch-up rows 0..i:
+    the same inputs, rotary positions and attention context."""
+    _, policy = checkpoints["qwen3"]
+    policy.save_pretrained(tmp_path)
+    engine = RolloutEngine(_with_mtp_like(tmp_path, policy), show_progress=False)
+    head = MTPHead(policy)
+    engine.update_weights(head.named_tensors())
+    ids = torch.randint(3, 97, (1, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        hidden = policy.model(ids).last_hidden_state
+        expected = head.chain(ids, hidden, 3)
+    model, origin = engine.core.model, 5
+    layer, embed = model.mtp.layers[0], model.model.embed_tokens
+    kv = torch.zeros(2, 16, policy.config.num_key_value_heads, policy.config.head_dim)
+    kv = (kv, kv.clone())
+
+    def mtp(previous, next_ids, first):
+        n = len(next_ids)
+        meta = AttentionMetadata(torch.arange(first, first + n),
+                                 torch.tensor([0, n], dtype=torch.int32),
+                                 torch.tensor([first + n], dtype=torch.int32),
+                                 torch.tensor([[0]], dtype=torch.int32), n, first + n)
+        return layer(TorchOps(), previous, embed(next_ids), torch.arange(first, first + n),
+                     model.cos_sin, kv, meta)
+    with torch.no_grad():
+        rows = mtp(hidden[0, :origin + 1], ids[0, 1:origin + 2], 0)  # catch-up 0..origin
+        torch.testing.assert_close(rows[origin], expected[0][0, origin], atol=1e-5, rtol=1e-5)
+        previous = rows[origin:]
+        for d in (2, 3):  # draft d: the position after the last, the previous output
+            previous = mtp(previous, ids[0, origin + d:origin + d + 1], origin + d - 1)
+            torch.testing.assert_close(previous[0], expected[d - 1][0, origin],
+                                       atol=1e-5, rtol=1e-5)
+
+
+def _with_mtp_like(path, policy) -> str:
+    return _with_mtp(path, {n: t.clone() for n, t in MTPHead(policy).named_tensors()})
+
+
 def test_mtp_loss_trains_the_head_only(checkpoints):
     _, policy = checkpoints["llama"]
     head = MTPHead(policy)

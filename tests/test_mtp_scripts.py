@@ -32,3 +32,13 @@ def test_train_head_then_bench_speculation(tmp_path, monkeypatch, capsys):
     report = json.loads((tmp_path / "speculative.json").read_text())
     assert [r["temperature"] for r in report["rows"]] == [0.0, 1.0]
     assert all(r["speedup"] > 0 for r in report["rows"])
+
+
+def test_train_head_with_single_step_cross_entropy(tmp_path, capsys):
+    model_dir = tmp_path / "demo"
+    shutil.copytree(DEMO, model_dir)
+    _load("train_mtp_head").main([str(model_dir), "--device", "cpu", "--steps", "3",
+                                  "--prompts", "4", "--batch", "4", "--eval-prompts", "8",
+                                  "--loss", "ce", "--depth", "1"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(result["acceptance_by_position"]) == 3
