@@ -232,7 +232,7 @@ class EngineCore:
     def _accept_verified(self, result: StepResult) -> list[Sequence]:
         """Speculative steps: emitted tokens in order (stop checks on each), KV kept only
         up to the last verified token, then the next drafts."""
-        finished = []
+        finished, version, accepted_at = [], self.weight_version, self.drafts_accepted_at
         for verified in result.verified:
             seq = verified.seq
             seq.clear_drafts()
@@ -240,17 +240,25 @@ class EngineCore:
             seq.num_drafts_accepted += verified.num_accepted
             self.drafts_proposed += self.num_draft
             for position in range(verified.num_accepted):
-                self.drafts_accepted_at[position] += 1
+                accepted_at[position] += 1
+            stops = seq.stop_ids if seq.stop_ids is not None else self._stop_ids(seq)
             for token, logprob in zip(verified.token_ids, verified.logprobs):
-                seq.append_token(token, logprob, self.weight_version)
-                if self._finish_if_done(seq, token):
+                seq.append_token(token, logprob, version)
+                # as in _postprocess: only these can make _stop_reason non-None
+                if ((token in stops or len(seq.token_ids) >= seq.max_num_tokens)
+                        and self._finish_if_done(seq, token)):
                     finished.append(seq)
                     break
             seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens - 1)
+        any_finished = False
         for proposal in result.proposals:
-            if not proposal.seq.is_finished:
+            if proposal.seq.is_finished:
+                any_finished = True
+            else:
                 proposal.seq.draft_tokens = proposal.token_ids
                 proposal.seq.draft_logprobs = proposal.logprobs
+        if any_finished:  # the speculator's copy would outlive the finished sequences
+            self.runner.speculator.forget_drafts()
         return finished
 
     def _finish_if_done(self, seq: Sequence, token: int) -> bool:

@@ -13,8 +13,9 @@ from ..models import DecoderForCausalLM
 from ..sampler import SamplingTensors, sample
 from ..sampler.noise import row_uniforms_np
 from .cuda_graphs import DecodeGraphs
+from .packing import upload_packed as _upload_packed
 from .scheduler import ScheduledBatch
-from .speculation import MTPSpeculator, Proposal, Verified
+from .speculation import MTPSpeculator, Proposal, StepTables, Verified
 from .sequence import Sequence
 
 
@@ -46,6 +47,7 @@ class _Inputs:
     score_rows: list[tuple[Sequence, int, int, int]]  # (seq, flat row, position, count)
     rows: list[tuple[Sequence, int, int, int]]  # generation seqs: (seq, row, start, count)
     verify_rows: list[tuple[Sequence, int]]  # seqs whose drafts this step verifies
+    tables: StepTables | None = None  # the block tables on host and device (speculative)
 
 
 class ModelRunner:
@@ -89,6 +91,7 @@ class ModelRunner:
             catch_up.append((seq, row0, start, known))
             drafting.append(seq)
             counters[id(seq)] = seq.num_output_tokens + len(new)
+        self.speculator.tables = inputs.tables
         result.proposals = self.speculator.propose(hidden, catch_up, drafting, counters)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]):
@@ -157,9 +160,12 @@ class ModelRunner:
         if sampling is not None:
             tensors = self._sampling_from(sampling, views[len(host.arrays):])
             self._staged_sampling = (host.sample_seqs, tensors)
+        tables = None
+        if self.speculator is not None:
+            tables = StepTables(host.arrays[5], views[5], batch.seqs)
         return _Inputs(*views[:len(host.arrays)], host.max_query_len, host.max_context_len,
                        host.sample_rows, host.sample_seqs, host.score_rows, host.rows,
-                       host.verify_rows)
+                       host.verify_rows, tables)
 
     def _decode_host(self, batch: ScheduledBatch) -> _HostInputs:
         """Every sequence computes its last token and samples: no per-token Python loop."""
@@ -311,47 +317,6 @@ def _padded_tables(tables: list[list[int]]) -> np.ndarray:
     cols = np.arange(len(flat)) - np.repeat(np.cumsum(widths) - widths, widths)
     out[rows, cols] = flat
     return out
-
-
-def _upload_packed(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
-    """Device tensors holding these 4- and 8-byte host arrays, moved with ONE copy: all
-    are packed (16-byte aligned each) into one buffer, pinned on CUDA so the copy is
-    asynchronous; the caching host allocator keeps it alive until the copy is done."""
-    # Layout: 8-byte arrays, then 4-byte ones; each padded to 16 bytes by a spare piece.
-    pieces: tuple[list[int], list[int]] = ([], [])  # (int64 units, int32 units)
-    places = []  # per array: (4-byte area?, its piece index, its offset in area units)
-    offsets = [0, 0]
-    for array in arrays:
-        narrow = array.itemsize == 4
-        area, size = pieces[narrow], array.size
-        places.append((narrow, len(area), offsets[narrow]))
-        area.append(size)
-        spare = -size % (4 if narrow else 2)
-        if spare:
-            area.append(spare)
-        offsets[narrow] += size + spare
-    num_wide = offsets[0]
-    host = torch.empty(num_wide + offsets[1] // 2, dtype=torch.int64,
-                       pin_memory=device.type == "cuda")
-    wide_area = host.numpy()
-    areas = (wide_area, wide_area[num_wide:].view(np.int32))
-    typed = {}  # (area, dtype) -> the area viewed as that dtype
-    for array, (narrow, _, offset) in zip(arrays, places):
-        area = typed.get((narrow, array.dtype))
-        if area is None:
-            area = typed[narrow, array.dtype] = areas[narrow].view(array.dtype)
-        area[offset:offset + array.size] = array.ravel() if array.ndim != 1 else array
-    on_device = host if device.type == "cpu" else host.to(device, non_blocking=True)
-    chunks = (on_device[:num_wide].split_with_sizes(pieces[0]) if pieces[0] else (),
-              on_device[num_wide:].view(torch.int32).split_with_sizes(pieces[1])
-              if pieces[1] else ())
-    views = []
-    for array, (narrow, piece, _) in zip(arrays, places):
-        view = chunks[narrow][piece]
-        if array.dtype.kind == "f":
-            view = view.view(torch.float32 if narrow else torch.float64)
-        views.append(view.view(array.shape) if array.ndim != 1 else view)
-    return views
 
 
 @dataclass

@@ -23,21 +23,29 @@ class VerifyOutput:
     num_accepted: torch.Tensor  # [R] int64 in [0, k] drafts accepted
 
 
-def verify(target_logp: torch.Tensor, draft_logp: torch.Tensor, draft_tokens: torch.Tensor,
-           accept_uniforms: torch.Tensor, final_uniforms: torch.Tensor,
-           greedy: torch.Tensor) -> VerifyOutput:
+def verify(target_logp: torch.Tensor, draft_logp: torch.Tensor | None,
+           draft_tokens: torch.Tensor, accept_uniforms: torch.Tensor | None,
+           final_uniforms: torch.Tensor | None, greedy: torch.Tensor,
+           all_greedy: bool = False) -> VerifyOutput:
     """target_logp [R, k+1, V] and draft_logp [R, k, V] processed log-probabilities;
     draft_tokens [R, k]; accept_uniforms [R, k] and final_uniforms [R] in (0, 1), one
-    independent draw each; greedy [R] bool."""
+    independent draw each; greedy [R] bool. all_greedy (a host flag: every row is greedy)
+    skips the sampled rows' work; draft_logp and the uniforms may then be None."""
     rows, k = draft_tokens.shape
-    p_draft = target_logp[:, :k].gather(-1, draft_tokens[..., None])[..., 0].double().exp()
-    q_draft = draft_logp.gather(-1, draft_tokens[..., None])[..., 0].double().exp()
     target_argmax = target_logp.argmax(dim=-1)  # [R, k + 1]
-    accepted = torch.where(greedy[:, None], draft_tokens == target_argmax[:, :k],
-                           accept_uniforms * q_draft < p_draft)
+    if all_greedy:
+        accepted = draft_tokens == target_argmax[:, :k]
+    else:
+        p_draft = target_logp[:, :k].gather(-1, draft_tokens[..., None])[..., 0].double().exp()
+        q_draft = draft_logp.gather(-1, draft_tokens[..., None])[..., 0].double().exp()
+        accepted = torch.where(greedy[:, None], draft_tokens == target_argmax[:, :k],
+                               accept_uniforms * q_draft < p_draft)
     num_accepted = torch.cumprod(accepted.long(), dim=1).sum(dim=1)  # leading run of accepts
-    final = _final_token(target_logp, draft_logp, num_accepted, final_uniforms, greedy,
-                         target_argmax)
+    if all_greedy:
+        final = target_argmax.gather(1, num_accepted[:, None])[:, 0]
+    else:
+        final = _final_token(target_logp, draft_logp, num_accepted, final_uniforms, greedy,
+                             target_argmax)
     positions = torch.arange(k + 1, device=draft_tokens.device)
     padded_drafts = torch.cat([draft_tokens, draft_tokens.new_full((rows, 1), -1)], dim=1)
     tokens = torch.where(positions < num_accepted[:, None], padded_drafts, -1)
