@@ -8,6 +8,10 @@ if not torch.cuda.is_available():
     # imported, and transformers may import triton early.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The CPU tests compare with transformers in fp32; on a GPU machine device="auto" would
+# pick cuda/bf16. GPU tests pass device="cuda" explicitly.
+os.environ.setdefault("ATOM_ROLLOUT_DEVICE", "cpu")
+
 from models import VARIANTS, build_checkpoint
 
 

@@ -64,3 +64,14 @@ def test_unsupported_architecture(tmp_path):
     with pytest.raises(ValueError, match="architectures: .*GPT2LMHeadModel.*supported: "
                                          "LlamaForCausalLM, MistralForCausalLM"):
         RolloutEngine(str(tmp_path))
+
+
+def test_auto_device_follows_the_environment(llama, monkeypatch):
+    from atom_rollout import EngineConfig
+    config = EngineConfig(model_dir=llama[0])
+    monkeypatch.setenv("ATOM_ROLLOUT_DEVICE", "meta")
+    assert config.torch_device().type == "meta"
+    monkeypatch.setenv("ATOM_ROLLOUT_DEVICE", "warp-drive")
+    with pytest.raises(ValueError, match="ATOM_ROLLOUT_DEVICE"):
+        config.torch_device()
+    assert EngineConfig(model_dir=llama[0], device="cpu").torch_device().type == "cpu"

@@ -1,9 +1,12 @@
 """EngineConfig: every engine option in one validated dataclass."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 
 import torch
+
+DEVICE_ENV_VAR = "ATOM_ROLLOUT_DEVICE"  # what device="auto" means, when set
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -13,7 +16,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 class EngineConfig:
     model_dir: str
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
-    device: str = "auto"  # auto: cuda when available
+    device: str = "auto"  # auto: $ATOM_ROLLOUT_DEVICE, else cuda when available
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
@@ -63,12 +66,14 @@ class EngineConfig:
         self.torch_dtype()
 
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        field, name = "device", self.device
+        if name == "auto":
+            field, name = DEVICE_ENV_VAR, os.environ.get(DEVICE_ENV_VAR) or (
+                "cuda" if torch.cuda.is_available() else "cpu")
         try:
-            return torch.device(self.device)
+            return torch.device(name)
         except RuntimeError as e:
-            raise ValueError(f"device: {e}") from None
+            raise ValueError(f"{field}: {e}") from None
 
     def torch_dtype(self) -> torch.dtype:
         if isinstance(self.dtype, torch.dtype):
