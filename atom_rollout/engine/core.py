@@ -56,6 +56,7 @@ class EngineCore:
         self.max_model_len = _max_model_len(self.hf_config, config.max_model_len)
         self.num_draft = config.num_speculative_tokens
         self.model, self.weight_map = self._load_model()
+        self._parameters = list(self.model.parameters())  # .to() keeps these objects
         self.ops = select_backend(self.device, config.kernel_backend)
         self.eos_token_ids = _eos_token_ids(self.hf_config, config.model_dir)
         self.runner = self._build_cache_and_runner()
@@ -349,7 +350,7 @@ class EngineCore:
         return self._weights_changed(received.version, inflight)
 
     def _params_on(self, device: torch.device) -> bool:
-        return all(p.device == device for p in self.model.parameters())
+        return all(p.device == device for p in self._parameters)
 
     @on_engine_device
     def update_weights_from_ipc(self, payload: IpcPayload, **options) -> int:

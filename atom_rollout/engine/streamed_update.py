@@ -34,13 +34,12 @@ class _BucketLayout:
     flat_params: list[torch.Tensor]  # the same, 1-D (parameter slices are contiguous)
     dtype: torch.dtype | None  # their dtype when they share one (the usual case)
     covers_bucket: bool  # every tensor of the bucket goes into the model
+    saved_bytes: int = 0  # room needed to keep the slices aside (set from params)
     _saved: list[torch.Tensor] | None = None
     _saved_key: tuple | None = None
 
-    @property
-    def saved_bytes(self) -> int:
-        """Room needed to keep the slices aside."""
-        return sum(_aligned(p) for p in self.params)
+    def __post_init__(self) -> None:
+        self.saved_bytes = sum(_aligned(p) for p in self.params)
 
     def saved_slices(self, room: torch.Tensor) -> list[torch.Tensor]:
         """1-D views of a flat uint8 buffer, one per parameter slice (cached: in an RL

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from .bucketing import BucketPlan, unpack_bucket, unpack_buckets
 from .errors import WeightSyncError, WeightSyncTimeout
@@ -60,6 +61,7 @@ class WeightReceiver:
         self._views: list[tuple[str, torch.Tensor]] = []
         self._bucket_views: dict[int, list[tuple[str, torch.Tensor]]] = {}
         self.error: str | None = None  # set once the group is broken
+        self._unacknowledged: int | None = None  # last update whose header is not acked
 
     def receive(self, timeout_s: float | None = None, on_bucket: BucketHook | None = None,
                 on_plan: PlanHook | None = None) -> ReceivedUpdate:
@@ -72,6 +74,7 @@ class WeightReceiver:
         """
         if self.error:
             raise WeightSyncError(f"receiver is unusable after an earlier failure: {self.error}")
+        self._acknowledge_previous()
         start = time.monotonic()
         deadline = start + (self.timeout_s if timeout_s is None else timeout_s)
         header = fetch_header(self._group.store, self._seq, deadline, self.timeout_s)
@@ -82,10 +85,10 @@ class WeightReceiver:
             if hook_error is not None:
                 on_bucket = None
             hook_error = self._receive_buckets(plan, deadline, on_bucket) or hook_error
-            acknowledge_header(self._group.store, self._seq, self._group.world_size - 1)
         except Exception as e:  # noqa: BLE001 - any failure mid-update breaks the group
             self._fail(e)
         done = time.monotonic()
+        self._unacknowledged = self._seq  # store cleanup, off the update's critical path
         self._seq += 1
         if hook_error is not None:  # the update was drained: the receiver stays usable
             raise hook_error
@@ -140,7 +143,19 @@ class WeightReceiver:
         cls = WeightSyncTimeout if isinstance(error, WeightSyncTimeout) else WeightSyncError
         raise cls(self.error) from error
 
+    def _acknowledge_previous(self) -> None:
+        """Count the last update as done (the last receiver deletes its header): only
+        store cleanup, so a store that is gone is left to the next fetch to report."""
+        if self._unacknowledged is None:
+            return
+        seq, self._unacknowledged = self._unacknowledged, None
+        try:
+            acknowledge_header(self._group.store, seq, self._group.world_size - 1)
+        except (RuntimeError, dist.DistError):
+            pass
+
     def close(self) -> None:
+        self._acknowledge_previous()
         self._buffers, self._views, self._bucket_views = [], [], {}
         self._group.close()
 
