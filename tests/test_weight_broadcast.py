@@ -81,8 +81,8 @@ def test_broadcast_updates_engine(checkpoints):
     try:
         engine.init_weight_sync("127.0.0.1", port, rank_offset=1, world_size=2, backend="gloo",
                                 timeout_s=60)
-        for seed in (1, 2):
-            assert engine.receive_weights(timeout_s=60) == 10 + seed
+        for seed, stream in ((1, True), (2, False)):  # written as it lands / staged
+            assert engine.receive_weights(timeout_s=60, stream=stream) == 10 + seed
             assert _score_matches(engine, perturbed(model, seed=seed)[0], PROMPTS, RESPONSES)
         after = engine.score(PROMPTS, RESPONSES)
         assert not torch.allclose(before[0], after[0], atol=1e-3)
