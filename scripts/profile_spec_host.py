@@ -26,18 +26,17 @@ import io
 import json
 import os
 import pstats
-import random
 import tempfile
 import time
 
 import torch
 from torch import nn
 
-from atom_rollout import RolloutEngine, SamplingParams
+from atom_rollout import RolloutEngine
 from atom_rollout.bench.models import config_dir
 from atom_rollout.engine import model_runner, speculation
 from atom_rollout.engine.cuda_graphs import DecodeGraphs
-from profile_host import PhaseTimer
+from profile_host import PhaseTimer, add_requests
 
 PHASES = ("schedule", "prepare", "forward", "verify", "catch_up", "draft", "speculate",
           "postprocess")
@@ -94,15 +93,6 @@ def build_engine(batch: int, k: int, prompt_len: int, vocab: int, noise: float,
                                  core.max_model_len + 2 * k, 16, core.device,
                                  query_lens=(k + 1,), keep_hidden=True)
     return engine
-
-
-def add_requests(engine: RolloutEngine, batch: int, prompt_len: int, seed: int) -> None:
-    rng = random.Random(seed)
-    for i in range(batch):
-        length = rng.randint(prompt_len - 100, prompt_len + 100)
-        prompt = [rng.randrange(2, 2000) for _ in range(length)]
-        params = SamplingParams(temperature=0.6, max_tokens=4000 + i, ignore_eos=True)
-        engine.core.add_request(f"r{i}", prompt, params)
 
 
 def instrument(engine: RolloutEngine) -> PhaseTimer:

@@ -68,8 +68,18 @@ def test_cpu_verify_graphs_keep_greedy_exact(mtp_checkpoint, k, batch):
     assert stats["free_kv_blocks"] == stats["num_kv_blocks"]
 
 
-def test_cpu_verify_graphs_sampled_logprobs_are_the_targets(mtp_checkpoint):
+def _assert_processed_logprobs(model, prompts, outs, params, atol: float) -> None:
+    """Every sample's logprobs equal transformers' processed logprobs of its tokens."""
     from test_generate_vs_transformers import _hf_processed
+    for prompt, out in zip(prompts, outs):
+        for sample in out.samples:
+            logits = hf_logits(model, prompt + sample.token_ids)[len(prompt) - 1:-1]
+            expected = _hf_processed(logits, params).gather(
+                -1, torch.tensor(sample.token_ids)[:, None])[:, 0]
+            assert torch.allclose(torch.tensor(sample.logprobs), expected, atol=atol)
+
+
+def test_cpu_verify_graphs_sampled_logprobs_are_the_targets(mtp_checkpoint):
     model_dir, model = mtp_checkpoint
     params = SamplingParams(n=2, temperature=0.8, top_p=0.9, max_tokens=16, ignore_eos=True,
                             seed=3)
@@ -78,12 +88,7 @@ def test_cpu_verify_graphs_sampled_logprobs_are_the_targets(mtp_checkpoint):
     calls = _cpu_graphs(engine, (4,), max_batch=4)  # 10 samples: eager until 4 are left
     outs = engine.generate_batch(PROMPTS, params)
     assert calls[4] > 0
-    for prompt, out in zip(PROMPTS, outs):
-        for sample in out.samples:
-            logits = hf_logits(model, prompt + sample.token_ids)[len(prompt) - 1:-1]
-            expected = _hf_processed(logits, params).gather(
-                -1, torch.tensor(sample.token_ids)[:, None])[:, 0]
-            assert torch.allclose(torch.tensor(sample.logprobs), expected, atol=1e-4)
+    _assert_processed_logprobs(model, PROMPTS, outs, params, 1e-4)
     eager = RolloutEngine(model_dir, device="cpu", show_progress=False,
                           num_speculative_tokens=3)
     _assert_same(outs, eager.generate_batch(PROMPTS, params), 1e-4)
@@ -149,18 +154,12 @@ def test_gpu_speculative_graphs_equal_eager_and_plain(mtp_checkpoint, k, batch):
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("batch", [1, 5])
 def test_gpu_speculative_graphs_sampled_logprobs(mtp_checkpoint, k, batch):
-    from test_generate_vs_transformers import _hf_processed
     model_dir, model = mtp_checkpoint
     prompts = PROMPTS[:batch]
     params = SamplingParams(n=2, temperature=0.8, top_p=0.9, max_tokens=16, ignore_eos=True,
                             seed=5)
     graphed = _gpu_engine(model_dir, "float32", num_speculative_tokens=k)
     outs = graphed.generate_batch(prompts, params)
-    for prompt, out in zip(prompts, outs):
-        for sample in out.samples:
-            logits = hf_logits(model, prompt + sample.token_ids)[len(prompt) - 1:-1]
-            expected = _hf_processed(logits, params).gather(
-                -1, torch.tensor(sample.token_ids)[:, None])[:, 0]
-            assert torch.allclose(torch.tensor(sample.logprobs), expected, atol=1e-3)
+    _assert_processed_logprobs(model, prompts, outs, params, 1e-3)
     eager = _gpu_engine(model_dir, "float32", num_speculative_tokens=k, enforce_eager=True)
     _assert_same(outs, eager.generate_batch(prompts, params), 1e-3)
