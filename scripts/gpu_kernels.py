@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atom_rollout.kernels import AttentionMetadata, TorchOps  # noqa: E402
-from bench_util import json_safe  # noqa: E402
+from bench_util import gpu_or_smoke, json_safe  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -249,11 +249,7 @@ def main() -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for kernels.json")
     args = parser.parse_args()
-    on_gpu = torch.cuda.is_available()
-    if not on_gpu:
-        if not args.smoke:
-            parser.error("no CUDA device: only --smoke runs on CPU")
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    on_gpu = gpu_or_smoke(parser, args.smoke)
     dtype = getattr(torch, args.dtype)
     if args.smoke and not on_gpu and dtype == torch.bfloat16:
         dtype = torch.float16  # the CPU interpreter's bf16 tl.dot is broken

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atom_rollout.sampler import SamplingTensors, sample  # noqa: E402
-from bench_util import json_safe  # noqa: E402
+from bench_util import gpu_or_smoke, json_safe  # noqa: E402
 
 VOCAB = 151936
 ROWS = (1, 64, 256)
@@ -152,11 +152,7 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "."),
                         help="folder for sampling.json")
     args = parser.parse_args()
-    on_gpu = torch.cuda.is_available()
-    if not on_gpu:
-        if not args.smoke:
-            parser.error("no CUDA device: only --smoke runs on CPU")
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    on_gpu = gpu_or_smoke(parser, args.smoke)
     from atom_rollout.kernels.triton.sampling import fused_sample  # after TRITON_INTERPRET
     device = torch.device("cuda" if on_gpu else "cpu")
     dtype = getattr(torch, args.dtype)
