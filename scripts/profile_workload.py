@@ -120,7 +120,8 @@ def main(argv=None) -> None:
         work = workloads.grpo(vocab, 4, 4, 32, 32) if args.smoke else workloads.grpo(vocab, 64, 16, 512, 1024)
     else:
         work = workloads.nano_vllm(vocab, 16, 10, 40) if args.smoke else workloads.nano_vllm(vocab)
-    engine.generate_batch(work.prompts[:1], [work.params[0]])  # warm-up
+    engine.generate_batch(work.prompts, work.params)  # Triton compiles variants on first use
+    engine.reset_prefix_cache()
     recorder = StepRecorder(engine)
     start = time.perf_counter()
     outs = engine.generate_batch(work.prompts, work.params)
