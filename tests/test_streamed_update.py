@@ -4,7 +4,7 @@ import torch
 
 from atom_rollout import RolloutEngine
 from atom_rollout.engine.streamed_update import StreamedUpdate
-from atom_rollout.weight_sync import pack_buckets, unpack_bucket
+from atom_rollout.weight_sync import BucketPlan, pack_buckets, plan_buckets, unpack_bucket
 from test_weight_updates import perturbed
 
 
@@ -101,3 +101,36 @@ def test_repeated_updates_reuse_the_layout(checkpoints):
         for name, tensor in named:
             ours = engine.core.weight_map.targets[engine.core.weight_map.resolve(name)].view()
             assert torch.equal(ours, tensor), name
+
+
+def _meta(sizes, dtype=torch.bfloat16):
+    return [(f"t{i}", torch.empty(n, dtype=dtype, device="meta")) for i, n in enumerate(sizes)]
+
+
+def test_plan_tapers_toward_the_last_bucket():
+    """Only the last bucket's write is not hidden behind the wire, so buckets shrink to
+    tail_bytes at the end; each new bucket holds at most half of what is left."""
+    mib = 2**20
+    named = _meta([mib // 2] * 300)  # 300 tensors of 1 MiB
+    plan = plan_buckets(named, 64 * mib)
+    sizes = [b.nbytes for b in plan.buckets]
+    assert sizes[0] == 64 * mib and sizes[-1] <= 8 * mib  # default tail: bucket / 8
+    assert sizes[-4:] == sorted(sizes[-4:], reverse=True)
+    placed = 0
+    for size in sizes:
+        assert size <= min(64 * mib, max(8 * mib, (plan.total_bytes - placed) // 2))
+        placed += size
+    assert BucketPlan.from_json(plan.to_json()) == plan  # the header carries it unchanged
+    flat = plan_buckets(named, 64 * mib, tail_bytes=64 * mib)
+    assert [b.nbytes for b in flat.buckets] == [64 * mib] * 4 + [44 * mib]
+
+
+def test_plan_sends_oversized_tensors_first():
+    mib = 2**20
+    named = _meta([mib // 2] * 10 + [40 * mib] + [mib // 2] * 10)  # 80 MiB at index 10
+    plan = plan_buckets(named, 16 * mib, tail_bytes=2 * mib)
+    assert plan.members(0) == (10,)
+    assert plan.buckets[-1].nbytes <= 2 * mib
+    assert [t.name for t in plan.tensors] == [n for n, _ in named]  # input order kept
+    with pytest.raises(ValueError, match="tail_bytes"):
+        plan_buckets(named, 16 * mib, tail_bytes=0)
