@@ -185,6 +185,11 @@ def test_extreme_uniforms_and_tiny_vocabularies(fused):
                          device=DEVICE)
     tokens = check(fused, logits, temp, min_p, edges, block=16, use_min_p=False)
     assert tokens.tolist() == [0, 69, 0, 69]
+    # A target equal to the total mass (what 1 - 2^-53 can round to on a GPU) is the last
+    # token, not the first of the last chunk.
+    ones = torch.ones(4, dtype=torch.float64, device=DEVICE)
+    tokens, _, _ = fused(logits, temp, min_p, ones, None, True, block=16, use_min_p=False)
+    assert tokens.tolist() == [69] * 4
     one = torch.ones(1, device=DEVICE)
     tokens, logprobs, raw = fused(torch.randn(1, 1, device=DEVICE), one, one * 0,
                                   torch.full((1,), 0.5, dtype=torch.float64, device=DEVICE),

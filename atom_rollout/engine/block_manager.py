@@ -200,7 +200,9 @@ class BlockManager:
 
     def _register_full_blocks(self, seq: Sequence, num_tokens_known: int) -> None:
         """Cache the blocks this step fills; same-step readers see their KV because
-        every layer writes the whole batch's KV before any attention reads it."""
+        every layer writes the whole batch's KV before any attention reads it. Placeholder
+        tokens (async scheduling) are not known yet: their blocks are offered later."""
+        num_tokens_known = min(num_tokens_known, seq.num_known_tokens)
         if not self.enable_prefix_caching or not seq.cacheable:
             # Offered and declined: a sequence regains `cacheable` only after release().
             seq.num_registered_blocks = num_tokens_known // self.block_size

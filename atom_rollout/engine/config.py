@@ -32,6 +32,9 @@ class EngineConfig:
     cuda_graph_max_batch: int = 256  # decode batches up to this size replay graphs
     load_format: str = "auto"  # auto: the checkpoint's safetensors; dummy: random weights
     num_speculative_tokens: int = 0  # k MTP drafts per step (1-4); needs MTP layers
+    # Launch step N+1 before reading back step N's tokens (placeholders fed on the
+    # device, stop checks one step late). None: on for CUDA engines without speculation.
+    async_scheduling: bool | None = None
     show_progress: bool = True
 
     @classmethod
@@ -60,6 +63,12 @@ class EngineConfig:
         if self.num_speculative_tokens not in range(5):
             raise ValueError(f"num_speculative_tokens: must be 0 (off) to 4, "
                              f"got {self.num_speculative_tokens!r}")
+        if self.async_scheduling not in (None, True, False):
+            raise ValueError(f"async_scheduling: must be True, False or None (auto), "
+                             f"got {self.async_scheduling!r}")
+        if self.async_scheduling and self.num_speculative_tokens:
+            raise ValueError("async_scheduling: not supported with num_speculative_tokens "
+                             "(a speculative step needs its verified tokens on the host)")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format: must be 'auto' or 'dummy', got {self.load_format!r}")
         self.torch_device()

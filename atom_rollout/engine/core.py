@@ -19,7 +19,7 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import allocate_kv_cache, num_kv_blocks
-from .model_runner import ModelRunner, StepResult
+from .model_runner import Launched, ModelRunner, StepResult
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .prompt_check import check_params
@@ -65,6 +65,8 @@ class EngineCore:
         self._receiver: WeightReceiver | None = None
         self._streamed: StreamedUpdate | None = None  # reused: it caches the layout
         self.drafts_proposed, self.drafts_accepted_at = 0, [0] * self.num_draft
+        self.async_scheduling = _use_async_scheduling(config, self.device)
+        self._in_flight: Launched | None = None  # async scheduling: launched, not resolved
         self._seq_ids = itertools.count()
         self._rng = random.Random(self.config.seed)
 
@@ -110,6 +112,7 @@ class EngineCore:
     def sleep(self, offload_weights: bool = False) -> None:
         """Release the KV cache (and CUDA graphs), optionally moving the weights to host
         memory, so a colocated trainer can use the GPU; wake_up() restores both."""
+        self.drain()
         if self.scheduler.has_work():
             raise RuntimeError("sleep: requests are still in flight; finish or abort them")
         self.runner = self.kv_cache = None
@@ -175,22 +178,67 @@ class EngineCore:
         return sample_key(params.seed, sample_index)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self._in_flight is not None or self.scheduler.has_work()
 
     @on_engine_device
     def step(self) -> list[Sequence]:
-        """One schedule + forward + sample; returns the sequences that finished."""
+        """One schedule + forward + sample; returns the sequences that finished. With async
+        scheduling the step is launched and the previous one's tokens are read back and
+        processed while it runs (its sampled tokens reach the host one call later)."""
         finished, self._finished_elsewhere = self._finished_elsewhere, []
-        if not self.scheduler.has_work():
+        if not self.has_work():
             return finished
         if self.asleep:
             raise RuntimeError("the engine is asleep: call wake_up() first")
-        batch = self.scheduler.schedule()
-        if not batch.seqs:
-            raise RuntimeError("scheduler made no progress: the KV cache cannot hold the "
-                               "next waiting sequence (this is a bug, please report it)")
+        if self.async_scheduling:
+            return finished + self._step_overlapped()
+        batch = self._schedule()
         result = self.runner.run(batch)
         return finished + self._advance(batch) + self._postprocess(result)
+
+    def _schedule(self, overlapped: bool = False):
+        batch = self.scheduler.schedule(overlapped)
+        if not batch.seqs and not overlapped:
+            raise RuntimeError("scheduler made no progress: the KV cache cannot hold the "
+                               "next waiting sequence (this is a bug, please report it)")
+        return batch
+
+    def _step_overlapped(self) -> list[Sequence]:
+        """Launch the next step before reading back the one in flight. Anything that
+        would need the in-flight tokens on the host first (preemption, or nothing left to
+        schedule until they are known) resolves it before scheduling."""
+        finished = []
+        if self._in_flight is not None:
+            batch = self.scheduler.schedule(overlapped=True)
+            if batch.needs_room or not batch.seqs:
+                finished = self._resolve_in_flight()
+                batch = None
+        else:
+            batch = None
+        if batch is None:
+            if not self.scheduler.has_work():
+                return finished
+            batch = self._schedule()
+        launched = self.runner.launch(batch, overlapped=self._in_flight is not None)
+        finished += self._advance(batch)
+        for row, seq in enumerate(launched.seqs):
+            seq.add_placeholder(row)
+        finished += self._resolve_in_flight()
+        self._in_flight = launched
+        return finished
+
+    def _resolve_in_flight(self) -> list[Sequence]:
+        launched, self._in_flight = self._in_flight, None
+        if launched is None:
+            return []
+        return self._postprocess(self.runner.resolve(launched))
+
+    def drain(self) -> list[Sequence]:
+        """Finish the step in flight (async scheduling) so that every sampled token is on
+        the host; the sequences it finished are returned by the next step()."""
+        finished = self._resolve_in_flight()
+        self._finished_elsewhere += finished
+        return finished
 
     def _advance(self, batch) -> list[Sequence]:
         """Count the step's computed tokens; returns the score sequences now complete."""
@@ -211,14 +259,19 @@ class EngineCore:
         raw, top = result.raw_logprobs, result.top
         for row, (seq, token, logprob) in enumerate(zip(result.sampled_seqs, result.token_ids,
                                                          result.logprobs)):
-            seq.append_token(token, logprob, version)
+            if seq.num_placeholders:
+                seq.resolve_placeholder(token, logprob, version)
+            elif seq.is_finished:
+                continue  # ended (stop token, abort) while this step was in flight
+            else:
+                seq.append_token(token, logprob, version)
             if raw is not None:
                 seq.raw_logprobs.append(raw[row])
             if top is not None:
                 seq.top_logprobs.append(top[row])
             stops = seq.stop_ids if seq.stop_ids is not None else self._stop_ids(seq)
             # _stop_reason is None unless the token may stop or the length is reached
-            if ((token in stops or len(seq.token_ids) >= seq.max_num_tokens)
+            if ((token in stops or seq.num_known_tokens >= seq.max_num_tokens)
                     and self._finish_if_done(seq, token)):
                 finished.append(seq)
         finished += self._accept_verified(result)
@@ -265,17 +318,18 @@ class EngineCore:
     def _finish_if_done(self, seq: Sequence, token: int) -> bool:
         reason = self._stop_reason(seq, token)
         if reason is not None:
+            seq.drop_placeholders()  # tokens a later in-flight step sampled past the end
             self.scheduler.finish(seq, reason)
         return reason is not None
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
-        if seq.num_output_tokens > params.min_tokens:
+        if seq.num_known_output_tokens > params.min_tokens:
             if token in params.stop_token_ids:
                 return "stop"
             if not params.ignore_eos and token in self.eos_token_ids:
                 return "stop"
-        if seq.num_tokens >= seq.max_num_tokens:
+        if seq.num_known_tokens >= seq.max_num_tokens:
             return "length"
         return None
 
@@ -285,6 +339,7 @@ class EngineCore:
                        check_finite: bool = True) -> int:
         """Validate everything, then write in place, bump the version, drop every
         prefix-cache entry and apply the in-flight policy. Returns the version."""
+        self.drain()
         _check_update_args(inflight, version)
         plan = self.weight_map.plan(named_tensors, partial=partial, check_finite=check_finite)
         WeightMap.apply(plan)
@@ -331,6 +386,7 @@ class EngineCore:
         """Receive one broadcast, writing each bucket into the model as it lands (see
         streamed_update.py); any failure leaves the old weights. No step may run until
         this returns. Returns the new version."""
+        self.drain()
         _check_update_args(inflight, None)
         if self._receiver is None:
             raise RuntimeError("receive_weights: call init_weight_sync first")
@@ -360,6 +416,8 @@ class EngineCore:
         return self.update_weights(update.named_tensors, **options)
 
     def abort(self, seqs: list[Sequence]) -> None:
+        if any(not seq.is_finished for seq in seqs):
+            self.drain()
         for seq in seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
@@ -377,6 +435,14 @@ class EngineCore:
                     a / max(1, self.drafts_proposed // max(1, self.num_draft))
                     for a in self.drafts_accepted_at],
                 "kernel_backend": self.ops.name}
+
+
+def _use_async_scheduling(config: EngineConfig, device: torch.device) -> bool:
+    """Default: on for plain engines on a GPU, where the host work of a step overlaps
+    the GPU work of the one before; a CPU runs both on the same cores."""
+    if config.async_scheduling is None:
+        return device.type == "cuda" and not config.num_speculative_tokens
+    return config.async_scheduling
 
 
 def _check_update_args(inflight: str, version: int | None) -> None:

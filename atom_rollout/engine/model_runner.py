@@ -31,6 +31,16 @@ class StepResult:
 
 
 @dataclass
+class Launched:
+    """A step whose sampled tokens are on their way to the host (see ModelRunner.launch)."""
+
+    seqs: list[Sequence]  # the sampled sequences, one per row
+    host: torch.Tensor | None  # [2 or 3, R] float64: token ids, logprobs[, raw logprobs]
+    top: tuple[torch.Tensor, torch.Tensor] | None  # top-k ids and logprobs
+    done: torch.cuda.Event | None  # recorded after the copies (CUDA only)
+
+
+@dataclass
 class _Inputs:
     """One step's inputs, already on the device (one packed upload, see _prepare)."""
 
@@ -61,20 +71,52 @@ class ModelRunner:
         self.graphs = graphs
         self.speculator = speculator
         self.fused_sampling = ops.name == "triton"
+        self._last_tokens: torch.Tensor | None = None  # the newest launch's sampled tokens
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
+        if self.speculator is None:
+            return self.resolve(self.launch(batch))
         inputs = self._prepare(batch)
-        query_len = self._graph_query_len(batch)
-        if query_len:
-            hidden, logits = self._graph_forward(inputs, query_len)
-        else:
-            hidden, logits = self._eager_forward(inputs)
+        hidden, logits = self._forward(batch, inputs)
         result = StepResult([], [], [], None, None) if logits is None else \
             self._to_host(inputs.sample_seqs, self._sample(logits, inputs.sample_seqs))
-        if self.speculator is not None:
-            self._speculate(hidden, inputs, result)
+        self._speculate(hidden, inputs, result)
         return result
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, overlapped: bool = False) -> Launched:
+        """Issue the step's work and the copy of its sampled tokens to the host without
+        waiting for either. overlapped: the step before is still in flight and the tokens
+        it sampled (placeholders on the host) are fed to this one on the device."""
+        inputs = self._prepare(batch, overlapped)
+        _, logits = self._forward(batch, inputs)
+        if logits is None:
+            return Launched([], None, None, None)
+        out = self._sample(logits, inputs.sample_seqs)
+        self._last_tokens = out.token_ids
+        return self._start_copy(inputs.sample_seqs, out)
+
+    def resolve(self, launched: Launched) -> StepResult:
+        """Wait for a launched step's tokens (the step's one host-device sync)."""
+        if launched.host is None:
+            return StepResult([], [], [], None, None)
+        if launched.done is not None:
+            launched.done.synchronize()
+        host, seqs = launched.host.numpy(), launched.seqs
+        raw = host[2].tolist() if len(host) > 2 else None
+        top = None
+        if launched.top is not None:
+            ids, lps = launched.top[0].tolist(), launched.top[1].tolist()
+            top = [list(zip(ids[r], lps[r]))[:seqs[r].params.logprobs or 0]
+                   for r in range(len(seqs))]
+        return StepResult(seqs, host[0].astype(np.int64).tolist(), host[1].tolist(), raw, top)
+
+    def _forward(self, batch: ScheduledBatch, inputs: _Inputs):
+        query_len = self._graph_query_len(batch)
+        if query_len:
+            return self._graph_forward(inputs, query_len)
+        return self._eager_forward(inputs)
 
     def _speculate(self, hidden: torch.Tensor, inputs: _Inputs, result: StepResult) -> None:
         """Verify this step's drafts, then give every sequence with a fresh token k new ones."""
@@ -147,16 +189,23 @@ class ModelRunner:
     _staged_sampling: tuple[list[Sequence], SamplingTensors] | None = None
     _sampling_cache: _SamplingRows | None = None
 
-    def _prepare(self, batch: ScheduledBatch) -> _Inputs:
+    def _prepare(self, batch: ScheduledBatch, overlapped: bool = False) -> _Inputs:
         """The step's inputs on the device: metadata and sampling rows go up in one copy."""
         self._staged_sampling = None
         host = self._decode_host(batch) if batch.is_decode else self._general_host(batch)
         arrays = host.arrays
+        feed = _placeholder_feed(batch) if overlapped else None
+        if feed is not None:
+            arrays = arrays + list(feed)
         sampling = None
         if host.sample_seqs:
             sampling = self._sampling_rows(host.sample_seqs, host.sample_positions)
             arrays = arrays + sampling.arrays
         views = _upload_packed(arrays, self.device)
+        if feed is not None:
+            rows, sources = views[len(host.arrays):len(host.arrays) + 2]
+            views[0].index_copy_(0, rows, self._last_tokens.index_select(0, sources))
+            del views[len(host.arrays):len(host.arrays) + 2]
         if sampling is not None:
             tensors = self._sampling_from(sampling, views[len(host.arrays):])
             self._staged_sampling = (host.sample_seqs, tensors)
@@ -294,18 +343,27 @@ class ModelRunner:
         return eos | set(seq.params.stop_token_ids)
 
     def _to_host(self, seqs: list[Sequence], out) -> StepResult:
+        return self.resolve(self._start_copy(seqs, out))
+
+    def _start_copy(self, seqs: list[Sequence], out) -> Launched:
         tensors = [out.token_ids, out.logprobs]
         if out.raw_logprobs is not None:
             tensors.append(out.raw_logprobs)
-        # the step's one device->host sync
-        host = torch.stack([t.double() for t in tensors]).cpu().numpy()
-        raw = host[2].tolist() if len(host) > 2 else None
-        top = None
-        if out.top_token_ids is not None:
-            ids, lps = out.top_token_ids.tolist(), out.top_logprobs.tolist()
-            top = [list(zip(ids[r], lps[r]))[:seqs[r].params.logprobs or 0]
-                   for r in range(len(seqs))]
-        return StepResult(seqs, host[0].astype(np.int64).tolist(), host[1].tolist(), raw, top)
+        stacked = torch.stack([t.double() for t in tensors])
+        top = None if out.top_token_ids is None else (out.top_token_ids, out.top_logprobs)
+        if self.device.type != "cuda":
+            return Launched(seqs, stacked, top, None)
+        host = _pinned_copy(stacked)
+        if top is not None:
+            top = (_pinned_copy(top[0]), _pinned_copy(top[1]))
+        done = torch.cuda.Event()
+        done.record()
+        return Launched(seqs, host, top, done)
+
+
+def _pinned_copy(device_tensor: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(device_tensor.shape, dtype=device_tensor.dtype, pin_memory=True)
+    return host.copy_(device_tensor, non_blocking=True)
 
 
 def _padded_tables(tables: list[list[int]]) -> np.ndarray:
@@ -317,6 +375,21 @@ def _padded_tables(tables: list[list[int]]) -> np.ndarray:
     cols = np.arange(len(flat)) - np.repeat(np.cumsum(widths) - widths, widths)
     out[rows, cols] = flat
     return out
+
+
+def _placeholder_feed(batch: ScheduledBatch) -> tuple[np.ndarray, np.ndarray] | None:
+    """(input rows, rows of the previous launch's sampled tokens) for the sequences whose
+    last token is still a placeholder; None when there are none. Such a sequence computes
+    exactly that token this step, so its row is the last of its chunk."""
+    rows, sources, row = [], [], 0
+    for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+        row += num_new
+        if seq.num_placeholders:
+            rows.append(row - 1)
+            sources.append(seq.last_sample_row)
+    if not rows:
+        return None
+    return np.array(rows, dtype=np.int64), np.array(sources, dtype=np.int64)
 
 
 @dataclass

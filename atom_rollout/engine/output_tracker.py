@@ -42,21 +42,22 @@ class OutputTracker:
         deltas = []
         for request_id, request in list(self.requests.items()):
             for j, seq in enumerate(request.seqs):
-                if seq.is_finished or (request.stream and seq.num_output_tokens > request.sent[j]):
+                known = seq.num_known_output_tokens  # placeholders are not tokens yet
+                if seq.is_finished or (request.stream and known > request.sent[j]):
                     if request.sent[j] >= 0:
-                        deltas.append(_delta(seq, request.sent[j], weight_version))
-                    request.sent[j] = -1 if seq.is_finished else seq.num_output_tokens
+                        deltas.append(_delta(seq, request.sent[j], known, weight_version))
+                    request.sent[j] = -1 if seq.is_finished else known
             if request.finished:
                 del self.requests[request_id]
         return deltas
 
 
-def _delta(seq: Sequence, start: int, weight_version: int) -> SampleDelta:
+def _delta(seq: Sequence, start: int, end: int, weight_version: int) -> SampleDelta:
     params = seq.params
-    delta = SampleDelta(seq.request_id, seq.sample_index, seq.output_token_ids[start:],
-                        seq.logprobs[start:],
-                        seq.raw_logprobs[start:] if params.return_raw_logprobs else None,
-                        seq.top_logprobs[start:] if params.logprobs else None)
+    delta = SampleDelta(seq.request_id, seq.sample_index, seq.output_token_ids[start:end],
+                        seq.logprobs[start:end],
+                        seq.raw_logprobs[start:end] if params.return_raw_logprobs else None,
+                        seq.top_logprobs[start:end] if params.logprobs else None)
     if seq.is_finished:
         delta.finish_reason = seq.finish_reason or "abort"
         delta.version_spans = [tuple(span) for span in seq.version_spans]

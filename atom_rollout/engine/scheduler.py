@@ -17,6 +17,9 @@ class ScheduledBatch:
     # scoring); when it is every sequence the runner takes its decode fast path.
     num_decode: int = 0
     tables: BlockTables | None = None  # the block manager's mirror of seq.block_table
+    # Overlapped schedule only: a running sequence needed blocks that only preempting
+    # another could free; the caller must finish the step in flight and schedule again.
+    needs_room: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -49,41 +52,53 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, overlapped: bool = False) -> ScheduledBatch:
+        """The next step's batch. overlapped: a step is still in flight, so its sampled
+        tokens are placeholders; nothing is preempted (needs_room is set instead) and
+        sequences whose in-flight token is their last are left out."""
         batch = ScheduledBatch([], [], tables=self.blocks.tables)
-        budget = self._schedule_running(batch, self.max_num_batched_tokens)
-        if len(batch.seqs) == len(self.running):  # no preemption this step
+        budget, complete = self._schedule_running(batch, self.max_num_batched_tokens,
+                                                  overlapped)
+        if complete:  # every running sequence got its tokens: no preemption this step
             self._admit_waiting(batch, budget)
         return batch
 
-    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+    def _schedule_running(self, batch: ScheduledBatch, budget: int,
+                          overlapped: bool) -> tuple[int, bool]:
         grow_decode = self.blocks.grow_decode
-        seqs, counts, fast = batch.seqs, batch.num_new_tokens, 0
+        seqs, counts, fast, ending = batch.seqs, batch.num_new_tokens, 0, 0
         # _make_room only ever preempts sequences after this one, or this one (then we
         # stop), so iterating the live list is safe.
         for seq in self.running:
             if budget <= 0:
                 break
+            if seq.num_placeholders and seq.num_tokens >= seq.max_num_tokens:
+                ending += 1  # its in-flight token ends it: nothing left to compute
+                continue
             if not seq.is_score and grow_decode(seq):  # no preemption can be needed
                 seqs.append(seq)
                 counts.append(1)
                 fast += 1
                 budget -= 1
                 continue
-            num_new = self._make_room(seq, budget)
+            num_new = self._make_room(seq, budget, overlapped)
             if not num_new:
+                batch.needs_room = overlapped
                 break
             batch.add(seq, num_new)
             budget -= num_new
         batch.num_decode += fast
-        return budget
+        return budget, len(batch.seqs) + ending == len(self.running)
 
-    def _make_room(self, seq: Sequence, budget: int) -> int:
+    def _make_room(self, seq: Sequence, budget: int, overlapped: bool = False) -> int:
         """Grow a running sequence's blocks for its next tokens, preempting the most
-        recently admitted ones if needed; 0 when it was preempted itself."""
+        recently admitted ones if needed; 0 when it was preempted itself (or, overlapped,
+        when room was needed)."""
         if seq.draft_tokens and seq.num_pending_tokens > budget:
             seq.clear_drafts()  # a verify step is never split across steps
         num_new = min(seq.num_pending_tokens, budget)
+        if overlapped and not self.blocks.can_grow(seq, num_new):
+            return 0
         while not self.blocks.can_grow(seq, num_new) and self.running[-1] is not seq:
             self.preempt(self.running[-1])
         if not self.blocks.can_grow(seq, num_new):

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from ..sampler import SamplingParams
 
 
+PLACEHOLDER = -1  # an output token sampled on the device, not yet read back
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -46,10 +49,23 @@ class Sequence:
     num_drafts_proposed: int = 0
     num_drafts_accepted: int = 0
     stop_ids: frozenset[int] | None = None  # stop tokens plus EOS unless ignored; set by the core
+    # Async scheduling: output tokens sampled by launched steps but not yet read back sit
+    # at the end of token_ids as PLACEHOLDER; the newest one is row last_sample_row of the
+    # newest launched step's sampled tokens (the device feeds it to the next step).
+    num_placeholders: int = 0
+    last_sample_row: int = -1
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_known_tokens(self) -> int:
+        return len(self.token_ids) - self.num_placeholders
+
+    @property
+    def num_known_output_tokens(self) -> int:
+        return self.num_known_tokens - self.num_prompt_tokens
 
     @property
     def num_pending_tokens(self) -> int:
@@ -78,8 +94,30 @@ class Sequence:
 
     def append_token(self, token_id: int, logprob: float, weight_version: int) -> None:
         self.token_ids.append(token_id)
+        self._record(logprob, weight_version, len(self.token_ids) - self.num_prompt_tokens)
+
+    def add_placeholder(self, sample_row: int) -> None:
+        self.token_ids.append(PLACEHOLDER)
+        self.num_placeholders += 1
+        self.last_sample_row = sample_row
+
+    def resolve_placeholder(self, token_id: int, logprob: float, weight_version: int) -> None:
+        """The oldest placeholder becomes the token read back for it."""
+        index = len(self.token_ids) - self.num_placeholders
+        self.token_ids[index] = token_id
+        self.num_placeholders -= 1
+        self._record(logprob, weight_version, index + 1 - self.num_prompt_tokens)
+
+    def drop_placeholders(self) -> None:
+        """A finished sequence forgets tokens sampled after its end."""
+        if self.num_placeholders:
+            del self.token_ids[len(self.token_ids) - self.num_placeholders:]
+            self.num_placeholders = 0
+            self.num_computed_tokens = min(self.num_computed_tokens, len(self.token_ids))
+
+    def _record(self, logprob: float, weight_version: int, end: int) -> None:
+        """Logprob and version span of output token end - 1."""
         self.logprobs.append(logprob)
-        end = len(self.token_ids) - self.num_prompt_tokens
         spans = self.version_spans
         if spans and spans[-1][0] == weight_version:
             spans[-1][2] = end

@@ -162,8 +162,11 @@ def _pick_kernel(token_ptr, logprob_ptr, raw_ptr, part_ptr, arg_ptr, logits_ptr,
     total = tl.max(cdf, 0)
     target = tl.load(uniform_ptr + row) * total
     below = valid & (cdf <= target)
-    chunk = tl.minimum(tl.sum(below.to(tl.int32), 0), num_chunks - 1)
-    before = tl.max(tl.where(below, cdf, 0.0), 0)  # cdf[chunk - 1]: the cdf never decreases
+    # A target rounded up to the total (uniform within 2^-53 of 1) lands in the last
+    # chunk holding mass, and only the chunks before it count as below.
+    last_chunk = tl.max(tl.where(valid & (mass > 0), offs, 0), 0)
+    chunk = tl.minimum(tl.sum(below.to(tl.int32), 0), last_chunk)
+    before = tl.max(tl.where(below & (offs < chunk), cdf, 0.0), 0)  # cdf[chunk - 1]
     # Recomputed from the same inputs with the same ops as the vectors above.
     chunk_max = tl.math.div_rn(tl.load(part_row + _MAX * num_chunks + chunk).to(tl.float32),
                                divisor)
