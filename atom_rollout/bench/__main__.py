@@ -32,6 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--kernel-backend", default=None)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--sync", action="store_true",
+                        help="no async scheduling (each step read back before the next)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--json", default="bench.json", help="where to write the results")
@@ -47,7 +49,8 @@ def build_engine(args) -> tuple[RolloutEngine, str]:
     engine = RolloutEngine(model_dir, dtype=args.dtype, device=args.device, show_progress=False,
                            kernel_backend=args.kernel_backend, enforce_eager=args.enforce_eager,
                            load_format="dummy" if big else "auto",
-                           max_num_seqs=args.max_num_seqs, max_model_len=4096 if big else None)
+                           max_num_seqs=args.max_num_seqs, max_model_len=4096 if big else None,
+                           async_scheduling=False if args.sync else None)
     return engine, model_dir
 
 
@@ -133,6 +136,7 @@ def main(argv=None) -> dict:
     engine, model_dir = build_engine(args)
     results = run_suite(args, engine, model_dir)
     report = {"model": args.model, "machine": _machine(engine), "dtype": str(engine.core.dtype),
+              "async_scheduling": engine.core.async_scheduling,
               "kernel_backend": engine.core.ops.name, "cuda_graphs": engine.core.runner.graphs
               is not None, "date": time.strftime("%Y-%m-%d"), "results": results}
     if engine.core.device.type == "cuda":
@@ -153,7 +157,8 @@ def _machine(engine: RolloutEngine) -> str:
 
 def _print_table(report: dict) -> None:
     print(f"\nmodel {report['model']} | {report['machine']} | {report['dtype']} | "
-          f"kernels {report['kernel_backend']} | cuda graphs {report['cuda_graphs']}")
+          f"kernels {report['kernel_backend']} | cuda graphs {report['cuda_graphs']} | "
+          f"async scheduling {report['async_scheduling']}")
     if "copy_bandwidth_GBps" in report:
         print(f"copy bandwidth {report['copy_bandwidth_GBps']:.0f} GB/s; batch-1 decode floor "
               f"{report['decode_floor_ms_batch1']:.3f} ms/token")
