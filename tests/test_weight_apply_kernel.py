@@ -80,9 +80,12 @@ def _saved_offsets(params):
     return out
 
 
+@pytest.mark.parametrize("programs", [None, "3"])  # one per chunk / 3 looping over all
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_kernel_matches_torch_path_bit_for_bit(wa, dtype, aligned):
+def test_kernel_matches_torch_path_bit_for_bit(wa, dtype, aligned, programs, monkeypatch):
+    if programs:
+        monkeypatch.setenv("ATOM_ROLLOUT_APPLY_PROGRAMS", programs)
     fused, params, src, saved_at, bucket, room_numel = _layout(dtype, seed=3, aligned=aligned)
     untouched = fused[0].clone()
     saved_ref, new_ref = _torch_reference(params, src, bucket, room_numel)

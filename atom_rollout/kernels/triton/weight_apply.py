@@ -14,6 +14,7 @@ bit-exact whatever the float format, and the NaN/inf test is an exponent-bits te
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -30,13 +31,22 @@ _WORDS: dict[torch.dtype, tuple[torch.dtype, int]] = {
 CHUNK_BYTES = 16384  # per program and per stream; 4 x 16-byte vectors per thread at 8 warps
 _NUM_WARPS = 8
 _ALIGN = 16  # bytes: the widest vector access
+MAX_PROGRAMS = 0  # default cap on programs per launch (0: none), see _num_programs
 
 
 @triton.jit(do_not_specialize=["flag_index"])
-def _apply_bucket_kernel(segments, chunk_segment, src, saved, flags, flag_index,
+def _apply_bucket_kernel(segments, chunk_segment, src, saved, flags, flag_index, num_chunks,
                          CHUNK: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr,
                          CHECK: tl.constexpr, EXP_MASK: tl.constexpr):
-    chunk = tl.program_id(0)
+    for chunk in range(tl.program_id(0), num_chunks, tl.num_programs(0)):
+        _apply_chunk(segments, chunk_segment, src, saved, flags, flag_index, chunk,
+                     CHUNK, VEC, ALIGNED, CHECK, EXP_MASK)
+
+
+@triton.jit
+def _apply_chunk(segments, chunk_segment, src, saved, flags, flag_index, chunk,
+                 CHUNK: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr,
+                 CHECK: tl.constexpr, EXP_MASK: tl.constexpr):
     # a row: dst address, src offset, saved offset, numel, first chunk (ApplyTable)
     row = segments + tl.load(chunk_segment + chunk).to(tl.int64) * 5
     dst_addr = tl.load(row)
@@ -61,6 +71,14 @@ def _apply_bucket_kernel(segments, chunk_segment, src, saved, flags, flag_index,
         bad = tl.max(non_finite.to(tl.int32), axis=0)
         if bad > 0:
             tl.store(flags + flag_index, bad)
+
+
+def _num_programs(num_chunks: int) -> int:
+    """Programs per launch; each loops over chunks. A cap leaves SMs and memory
+    bandwidth to the NCCL kernels receiving the next buckets at the same time
+    ($ATOM_ROLLOUT_APPLY_PROGRAMS, 0 = one program per chunk)."""
+    cap = int(os.environ.get("ATOM_ROLLOUT_APPLY_PROGRAMS", MAX_PROGRAMS))
+    return min(num_chunks, cap) if cap > 0 else num_chunks
 
 
 @dataclass(frozen=True)
@@ -124,8 +142,8 @@ def apply_bucket(table: ApplyTable, src: torch.Tensor, saved: torch.Tensor,
                          f"{table.saved_numel}")
     if src.device != table.segments.device or saved.device != table.segments.device:
         raise ValueError("weight_apply: bucket, saved room and parameters must share a device")
-    _apply_bucket_kernel[(table.num_chunks,)](
+    _apply_bucket_kernel[(_num_programs(table.num_chunks),)](
         table.segments, table.chunk_segment, src, saved,
-        table.segments if flags is None else flags, flag_index,
+        table.segments if flags is None else flags, flag_index, table.num_chunks,
         CHUNK=table.chunk, VEC=_ALIGN // src.element_size(), ALIGNED=table.aligned,
         CHECK=flags is not None, EXP_MASK=exp_mask, num_warps=_NUM_WARPS)
