@@ -3,8 +3,9 @@
 Runs one benchmark workload (nano-vllm's or GRPO's, as in `python -m atom_rollout.bench`)
 and records every engine step: batch size, tokens computed, decode or not, KV positions
 read, wall time, and the step's span on the GPU stream (CUDA events around the runner:
-wall - span is host time the GPU did not overlap). Prints a table by step kind and batch
-size with the KV bandwidth each reached; writes JSON.
+wall - span is host time the GPU did not overlap; with async scheduling the span only
+covers issuing the step, so use --sync for that split). Prints a table by step kind and
+batch size with the KV bandwidth each reached; writes JSON.
 
     PYTHONPATH=. python scripts/profile_workload.py --model qwen3-0.6b --workload nano-vllm
     PYTHONPATH=. python scripts/profile_workload.py --smoke     # tiny model on CPU
@@ -31,6 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default="qwen3-0.6b")
     parser.add_argument("--workload", default="nano-vllm", choices=["nano-vllm", "grpo"])
     parser.add_argument("--smoke", action="store_true", help="tiny model, small workload, CPU")
+    parser.add_argument("--sync", action="store_true", help="no async scheduling")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."),
                                                        "profile_workload.json"))
     return parser.parse_args(argv)
@@ -46,15 +48,19 @@ class StepRecorder:
         self._wrap_step()
 
     def _wrap_runner(self) -> None:
-        runner, recorder = self.core.runner, self
-        inner = runner.run
+        runner = self.core.runner
+        runner.run = self._timed(runner.run)
+        runner.launch = self._timed(runner.launch)  # async scheduling launches instead
 
-        def run(batch):
+    def _timed(self, inner):
+        recorder = self
+
+        def run(batch, *args, **kwargs):
             start = end = None
             if recorder.cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-            result = inner(batch)
+            result = inner(batch, *args, **kwargs)
             if recorder.cuda:
                 end.record()
             recorder.current = dict(
@@ -63,7 +69,7 @@ class StepRecorder:
                                  zip(batch.seqs, batch.num_new_tokens)),
                 events=(start, end))
             return result
-        runner.run = run
+        return run
 
     def _wrap_step(self) -> None:
         core, recorder = self.core, self
@@ -114,7 +120,8 @@ def main(argv=None) -> None:
         args.model = "tiny"
     model_dir = config_dir(args.model)
     engine = RolloutEngine(model_dir, load_format="dummy", show_progress=False,
-                           max_model_len=4096, device="cpu" if args.smoke else "auto")
+                           max_model_len=4096, device="cpu" if args.smoke else "auto",
+                           async_scheduling=False if args.sync else None)
     vocab = engine.core.vocab_size
     if args.workload == "grpo":
         work = workloads.grpo(vocab, 4, 4, 32, 32) if args.smoke else workloads.grpo(vocab, 64, 16, 512, 1024)
