@@ -9,8 +9,10 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 what=${1:-all}
 if [[ $what == all || $what == checks ]]; then
   python -m pytest tests/test_triton_kernels.py tests/test_triton_sampling.py \
-    tests/test_gpu_engine.py tests/test_speculative_graphs.py -q -x -p no:cacheprovider 2>&1 | tail -3
+    tests/test_gpu_engine.py tests/test_speculative_graphs.py tests/test_weight_apply_kernel.py \
+    -q -p no:cacheprovider 2>&1 | tail -6
   python scripts/gpu_sampling.py --out $OUT 2>&1 | tail -8
+  python scripts/bench_prepare_qkv.py --out $OUT 2>&1 | tail -9
   python scripts/gpu_engine_checks.py 2>&1 | tail -2
   python scripts/gpu_spec_checks.py 2>&1 | tail -2
   python scripts/bench_weight_apply.py 2>&1 | tail -4

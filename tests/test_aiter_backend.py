@@ -474,6 +474,29 @@ def test_rotary_mixed_dtypes_fall_back(ops, calls, fallback):
     assert calls == [] and fallback.used == ["rotary"]
 
 
+def test_prepare_qkv_composes_norms_rotary_and_cache_write(ops, calls, fallback):
+    heads, kv_heads, dim = 4, 2, 64
+    qkv = torch.randn(5, (heads + 2 * kv_heads) * dim).to(torch.bfloat16)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q, k, v = q.reshape(5, heads, dim), k.reshape(5, kv_heads, dim), v.reshape(5, kv_heads, dim)
+    q_weight, k_weight = (torch.randn(dim).to(torch.bfloat16) for _ in range(2))
+    freqs = torch.outer(torch.arange(32.0), 1.0 / 10000 ** (torch.arange(0, dim, 2) / dim))
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    positions, slots = torch.tensor([7, 0, 31, 2, 3]), torch.tensor([3, -1, 17, 0, 9])
+    _, k_cache, v_cache, _ = make_batch([1], [32], kv_heads=kv_heads, head_dim=dim)
+    ref_caches = (k_cache.clone(), v_cache.clone())
+    expected = REF.prepare_qkv(q.clone(), k.clone(), v, q_weight, k_weight, 1e-6, positions,
+                               cos_sin, *ref_caches, slots)
+    got = ops.prepare_qkv(q, k, v, q_weight, k_weight, 1e-6, positions, cos_sin, k_cache,
+                          v_cache, slots)
+    assert names(calls) == ["rmsnorm2d_fwd", "rmsnorm2d_fwd",
+                            "rope_cached_positions_2c_fwd_inplace", "reshape_and_cache_flash"]
+    assert not fallback.used
+    assert calls[0].args[1] is q_weight and calls[1].args[1] is k_weight
+    for g, e in zip((*got, k_cache, v_cache), (*expected, *ref_caches)):
+        torch.testing.assert_close(g, e, atol=2e-2, rtol=2e-2)
+
+
 def test_silu_and_mul_maps_out_and_input(ops, calls):
     x = torch.randn(3, 2, 40).to(torch.bfloat16)[:, :, 4:]  # non-contiguous [.., 2d]
     out = ops.silu_and_mul(x)

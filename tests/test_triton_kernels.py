@@ -13,10 +13,11 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from atom_rollout.kernels import AttentionMetadata, TorchOps  # noqa: E402
+from atom_rollout.kernels import AttentionMetadata, TorchOps, unfused_prepare_qkv  # noqa: E402
 from atom_rollout.kernels.triton import TritonOps, is_available  # noqa: E402
 from atom_rollout.kernels.triton.attention import (  # noqa: E402
     TileConfig, choose_num_splits, paged_attention)
+from atom_rollout.models.decoder import Attention, DecoderSpec  # noqa: E402
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 # The CPU interpreter runs tl.dot on bfloat16 wrongly and truncates instead of
@@ -229,6 +230,149 @@ def test_rotary_in_place_on_views(tri):
     assert not torch.equal(qkv, before)
 
 
+# prepare_qkv: (heads, kv_heads, head_dim, block_size); GQA ratios 1, 2 and 4
+PREPARE_LAYOUTS = {
+    "mha_d64_bs16": (2, 2, 64, 16),
+    "gqa2_d128_bs1": (4, 2, 128, 1),
+    "gqa4_d96_bs16": (8, 2, 96, 16),
+    "gqa2_d80_bs1": (4, 2, 80, 1),
+}
+PREPARE_DTYPES = [torch.float32, torch.bfloat16]
+# Against TorchOps: bf16 rounds three times (norm, weight, rotary), each a
+# truncation under the CPU interpreter, so allow ~3 ulp at magnitudes near 2.
+PREPARE_TOL = {**TOL, torch.bfloat16: dict(atol=6e-2, rtol=4e-2)}
+
+
+def prepare_inputs(heads, kv_heads, head_dim, block_size, dtype, norm, num_tokens=7,
+                   weight_dtype=None):
+    """Arguments of prepare_qkv as the engine passes them: q/k/v strided views of
+    one qkv row, shuffled positions, distinct shuffled slots with some padding
+    (-1), caches filled with noise so that stray writes show."""
+    max_pos, num_blocks = 64, 2 + -(-2 * num_tokens // block_size)
+    qkv = _randn(num_tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+    q, k, v = (t.view(num_tokens, t.shape[1] // head_dim, head_dim) for t in (q, k, v))
+    weight_dtype = weight_dtype or dtype
+    weights = [(_randn(head_dim) + 1).to(weight_dtype) if norm else None for _ in range(2)]
+    positions = torch.randperm(max_pos, device=DEVICE)[:num_tokens]
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:num_tokens]
+    if num_tokens > 3:
+        slots[[1, num_tokens - 2]] = -1
+    cos_sin = _randn(max_pos, head_dim)
+    caches = [_randn(num_blocks, block_size, kv_heads, head_dim, dtype=dtype) for _ in range(2)]
+    return dict(query=q, key=k, value=v, q_weight=weights[0], k_weight=weights[1], eps=1e-6,
+                positions=positions, cos_sin=cos_sin, k_cache=caches[0], v_cache=caches[1],
+                slot_mapping=slots)
+
+
+def run_prepare(prepare, inputs):
+    """prepare on fresh copies of the mutable inputs: (query, key, k_cache, v_cache)."""
+    args = dict(inputs)
+    for name in ("query", "key", "k_cache", "v_cache"):
+        args[name] = inputs[name].clone()
+    query, key = prepare(**args)
+    return query, key, args["k_cache"], args["v_cache"]
+
+
+def max_abs_diff(a, b) -> float:
+    return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("dtype", PREPARE_DTYPES, ids=str)
+@pytest.mark.parametrize("norm", [False, True], ids=["no_norm", "qk_norm"])
+@pytest.mark.parametrize("layout", PREPARE_LAYOUTS)
+def test_prepare_qkv(ref, tri, layout, norm, dtype):
+    inputs = prepare_inputs(*PREPARE_LAYOUTS[layout], dtype, norm)
+    fused = run_prepare(tri.prepare_qkv, inputs)
+    expected = run_prepare(ref.prepare_qkv, inputs)
+    for got, want in zip(fused, expected):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), **PREPARE_TOL[dtype])
+    # Bit-for-bit the unfused Triton sequence (rms_norm, rotary, write_kv): the
+    # kernel rounds where those ops store. bf16 against TorchOps differs by a few
+    # ulp on CPU only because the interpreter truncates its bf16 casts.
+    unfused = run_prepare(lambda **a: unfused_prepare_qkv(tri, **a), inputs)
+    assert max_abs_diff(fused, unfused) == 0.0
+    # slots never written (free or padding) keep their noise
+    written = inputs["slot_mapping"][inputs["slot_mapping"] >= 0]
+    untouched = torch.ones(inputs["k_cache"][:, :, 0, 0].numel(), dtype=torch.bool,
+                           device=DEVICE)
+    untouched[written] = False
+    for cache, before in zip(fused[2:], (inputs["k_cache"], inputs["v_cache"])):
+        flat, flat_before = cache.flatten(0, 1), before.flatten(0, 1)
+        assert torch.equal(flat[untouched], flat_before[untouched])
+        assert not torch.equal(flat[written], flat_before[written])
+
+
+def test_prepare_qkv_promoting_weights(ref, tri):
+    """bf16 activations with fp32 norm weights: q/k come back fp32 (rms_norm's
+    promotion) while the bf16 cache gets the rotated key rounded once more."""
+    inputs = prepare_inputs(4, 2, 64, 16, torch.bfloat16, True, weight_dtype=torch.float32)
+    fused = run_prepare(tri.prepare_qkv, inputs)
+    expected = run_prepare(ref.prepare_qkv, inputs)
+    assert [t.dtype for t in fused] == [torch.float32, torch.float32] + [torch.bfloat16] * 2
+    for got, want in zip(fused, expected):
+        torch.testing.assert_close(got.float(), want.float(), **PREPARE_TOL[torch.bfloat16])
+    unfused = run_prepare(lambda **a: unfused_prepare_qkv(tri, **a), inputs)
+    assert max_abs_diff(fused, unfused) == 0.0
+
+
+def test_prepare_qkv_in_place_on_views(tri):
+    inputs = prepare_inputs(4, 2, 64, 16, torch.float32, True)
+    q, k = tri.prepare_qkv(**inputs)
+    assert q.data_ptr() == inputs["query"].data_ptr()
+    assert k.data_ptr() == inputs["key"].data_ptr()
+
+
+def test_prepare_qkv_rejects_one_norm_weight(tri):
+    inputs = prepare_inputs(2, 2, 64, 16, torch.float32, True)
+    inputs["k_weight"] = None
+    with pytest.raises(ValueError, match="both"):
+        tri.prepare_qkv(**inputs)
+
+
+def test_attention_layer_calls_prepare_qkv(tri):
+    """Attention.forward on TritonOps equals the separate q_norm/k_norm, rotary
+    and write_kv calls it made before prepare_qkv (Qwen3's odd head_dim 24)."""
+    spec = DecoderSpec(vocab_size=16, hidden_size=48, intermediate_size=64, num_layers=1,
+                       num_heads=4, num_kv_heads=2, head_dim=24, rms_norm_eps=1e-5,
+                       qkv_bias=False, qk_norm=True, tie_word_embeddings=False)
+    layer = Attention(spec).to(DEVICE)
+    for param in layer.parameters():
+        param.data.normal_(0, 0.2)
+    _, k_cache, v_cache, meta = attention_inputs([3, 1], [3, 6], 4, 2, 24, 4, torch.float32)
+    x, positions = _randn(4, 48), torch.tensor([0, 1, 2, 5], device=DEVICE)
+    cos_sin = _randn(8, 24)
+    outs = []
+    for ops in (tri, _unfused_ops()):
+        caches = (k_cache.clone(), v_cache.clone())
+        outs.append((layer(ops, x, positions, cos_sin, caches, meta), *caches))
+    assert max_abs_diff(outs[0], outs[1]) == 0.0
+
+
+def _unfused_ops() -> TritonOps:
+    ops = TritonOps()
+    ops.fused_qkv = False  # what ATOM_ROLLOUT_FUSED_QKV=0 does
+    return ops
+
+
+def test_prepare_qkv_falls_back_when_the_kernel_fails(tri, monkeypatch):
+    """A Triton build the fused kernel does not compile on: warn once, then run the
+    separate kernels (same results)."""
+    ops = TritonOps()
+
+    def broken(*args):
+        raise RuntimeError("does not compile here")
+    monkeypatch.setattr(ops._prepare_qkv, "prepare_qkv", broken)
+    layout = next(iter(PREPARE_LAYOUTS))
+    inputs = prepare_inputs(*PREPARE_LAYOUTS[layout], torch.float32, True)
+    with pytest.warns(UserWarning, match="fused prepare_qkv"):
+        got = run_prepare(ops.prepare_qkv, inputs)
+    assert ops.fused_qkv is False
+    want = run_prepare(lambda **a: unfused_prepare_qkv(tri, **a), inputs)
+    assert max_abs_diff(got, want) == 0.0
+
+
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(5, 192), (2, 3, 128), (3, 3000)])
 def test_silu_and_mul(ref, tri, dtype, shape):
@@ -242,6 +386,8 @@ def test_empty_batches(tri):
     x = _randn(0, 64)
     assert tri.rms_norm(x, _randn(64), 1e-6).shape == (0, 64)
     assert tri.silu_and_mul(x).shape == (0, 32)
+    inputs = prepare_inputs(2, 1, 16, 4, torch.float32, True, num_tokens=0)
+    assert [t.shape for t in tri.prepare_qkv(**inputs)] == [(0, 2, 16), (0, 1, 16)]
     query, k_cache, v_cache, meta = attention_inputs([1], [3], 2, 1, 16, 4, torch.float32)
     meta.slot_mapping = meta.slot_mapping[:0]
     meta.query_start_loc = torch.zeros(1, dtype=torch.int32, device=DEVICE)
@@ -273,3 +419,22 @@ def test_attention_cuda_graph_replay(ref, tri):
     graph.replay()
     new_meta.block_tables = meta.block_tables
     check_attention(ref, out, query, k_cache, v_cache, new_meta)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+def test_prepare_qkv_cuda_graph_replay(ref, tri):
+    """Captured once at Qwen3-0.6B head shapes, replayed on new tokens, positions and slots."""
+    shape = (16, 8, 128, 16, torch.bfloat16, True)
+    inputs = prepare_inputs(*shape, num_tokens=4)
+    tri.prepare_qkv(**inputs)  # compile outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        query, key = tri.prepare_qkv(**inputs)
+    fresh = prepare_inputs(*shape, num_tokens=4)
+    for name in ("query", "key", "value", "positions", "slot_mapping", "k_cache", "v_cache"):
+        inputs[name].copy_(fresh[name])
+    expected = run_prepare(ref.prepare_qkv, {**fresh, **{n: inputs[n] for n in (
+        "q_weight", "k_weight", "cos_sin")}})
+    graph.replay()
+    for got, want in zip((query, key, inputs["k_cache"], inputs["v_cache"]), expected):
+        torch.testing.assert_close(got.float(), want.float(), **PREPARE_TOL[torch.bfloat16])

@@ -35,3 +35,34 @@ class KernelOps(Protocol):
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """silu(x[..., :d]) * x[..., d:] for x [..., 2d]."""
+
+    def prepare_qkv(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
+                    positions: torch.Tensor, cos_sin: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything between the qkv projection and attention, equal to
+        ``unfused_prepare_qkv``: per-head RMSNorm of query and key (only when
+        q_weight and k_weight are given), rotary, then key and value stored at
+        slot_mapping (negative slots skipped). Returns the rotated (query, key);
+        backends may overwrite query and key in place."""
+
+
+def unfused_prepare_qkv(ops: KernelOps, query: torch.Tensor, key: torch.Tensor,
+                        value: torch.Tensor, q_weight: torch.Tensor | None,
+                        k_weight: torch.Tensor | None, eps: float, positions: torch.Tensor,
+                        cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """prepare_qkv as a sequence of ops' own rms_norm, rotary and write_kv: the
+    definition a fused backend must match."""
+    check_qk_weights(q_weight, k_weight)
+    if q_weight is not None:
+        query, key = ops.rms_norm(query, q_weight, eps), ops.rms_norm(key, k_weight, eps)
+    query, key = ops.rotary(query, key, positions, cos_sin)
+    ops.write_kv(key, value, k_cache, v_cache, slot_mapping)
+    return query, key
+
+
+def check_qk_weights(q_weight: torch.Tensor | None, k_weight: torch.Tensor | None) -> None:
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError("prepare_qkv: q_weight and k_weight must both be given or both None")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .interface import unfused_prepare_qkv
 from .metadata import AttentionMetadata
 
 
@@ -45,6 +46,11 @@ class TorchOps:
     def silu_and_mul(self, x):
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    def prepare_qkv(self, query, key, value, q_weight, k_weight, eps, positions, cos_sin,
+                    k_cache, v_cache, slot_mapping):
+        return unfused_prepare_qkv(self, query, key, value, q_weight, k_weight, eps,
+                                   positions, cos_sin, k_cache, v_cache, slot_mapping)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

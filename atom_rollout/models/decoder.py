@@ -82,12 +82,16 @@ class Attention(nn.Module):
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(ops, q), self.k_norm(ops, k)
-        q, k = ops.rotary(q, k, positions, cos_sin)
-        ops.write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        q_weight, k_weight, eps = self._qk_norm_args()
+        q, _ = ops.prepare_qkv(q, k, v, q_weight, k_weight, eps, positions, cos_sin,
+                               kv_cache[0], kv_cache[1], meta.slot_mapping)
         out = ops.attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
+
+    def _qk_norm_args(self) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+        if self.q_norm is None:
+            return None, None, 0.0
+        return self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
 
 
 class MLP(nn.Module):

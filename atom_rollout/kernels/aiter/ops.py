@@ -20,6 +20,8 @@ ROCm/aiter e4048607, as called by ROCm/ATOM ffdf3bb5):
                 [max_pos, 1, 1, d/2] split out of cos_sin once and cached).
                 Fallback: query and key of different dtypes.
 - silu_and_mul  aiter.silu_and_mul(out, x).
+- prepare_qkv   the composition of rms_norm, rotary and write_kv above (no fused
+                AITER call), each with its own fallback.
 Unverified on AMD hardware: tests check argument mapping against a fake aiter.
 """
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from ..interface import KernelOps
+from ..interface import KernelOps, unfused_prepare_qkv
 from ..metadata import AttentionMetadata
 
 PA_PARTITION_SIZE = 256  # paged_attention_v1's partition; its workspace is sized by it
@@ -115,6 +117,14 @@ class AiterOps:
         out = x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
         self._aiter.silu_and_mul(out, x)
         return out
+
+    def prepare_qkv(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
+                    positions: torch.Tensor, cos_sin: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return unfused_prepare_qkv(self, query, key, value, q_weight, k_weight, eps,
+                                   positions, cos_sin, k_cache, v_cache, slot_mapping)
 
     def _paged_decode(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       meta: AttentionMetadata, scale: float) -> torch.Tensor:

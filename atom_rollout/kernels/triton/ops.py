@@ -1,8 +1,12 @@
 """TritonOps: the KernelOps interface on Triton kernels (CUDA and ROCm)."""
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 
+from ..interface import unfused_prepare_qkv
 from ..metadata import AttentionMetadata
 
 INTERPRETER_TARGET_PROGRAMS = 4  # keeps split-KV exercised under TRITON_INTERPRET
@@ -14,10 +18,13 @@ class TritonOps:
     def __init__(self) -> None:
         # Imported here, not at module import, so that @triton.jit runs when the
         # first TritonOps is built: TRITON_INTERPRET set by then still applies.
-        from . import attention, kv_cache, pointwise
+        from . import attention, kv_cache, pointwise, prepare_qkv
         self._attention = attention
         self._kv_cache = kv_cache
         self._pointwise = pointwise
+        self._prepare_qkv = prepare_qkv
+        # $ATOM_ROLLOUT_FUSED_QKV=0: q/k norm, rotary and the KV write as separate kernels
+        self.fused_qkv = os.environ.get("ATOM_ROLLOUT_FUSED_QKV", "1") != "0"
         self._target_programs: dict[torch.device, int] = {}
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
@@ -42,6 +49,24 @@ class TritonOps:
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         return self._pointwise.silu_and_mul(x)
+
+    def prepare_qkv(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
+                    positions: torch.Tensor, cos_sin: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        args = (query, key, value, q_weight, k_weight, eps, positions, cos_sin, k_cache,
+                v_cache, slot_mapping)
+        if self.fused_qkv:
+            try:
+                return self._prepare_qkv.prepare_qkv(*args)
+            except ValueError:
+                raise
+            except Exception as error:  # a Triton build the fused kernel does not compile on
+                warnings.warn(f"fused prepare_qkv kernel unavailable, using rms_norm + rotary "
+                              f"+ write_kv: {type(error).__name__}: {str(error)[:200]}")
+                self.fused_qkv = False
+        return unfused_prepare_qkv(self, *args)
 
     def _programs_to_fill(self, device: torch.device) -> int:
         """About two waves of programs over the device's multiprocessors."""
