@@ -20,7 +20,6 @@ import os
 import statistics
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atom_rollout.kernels import TorchOps, unfused_prepare_qkv  # noqa: E402
-from bench_util import gpu_or_smoke, json_safe  # noqa: E402
+from bench_util import gpu_or_smoke, json_safe, run_guarded  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -126,8 +125,7 @@ def graph_us(fn: Callable, repeat: int, on_gpu: bool) -> float:
 
 def run_case(ops: dict, shape: Shape, num_tokens: int, norm: bool, dtype, repeat: int,
              device: torch.device, on_gpu: bool) -> dict:
-    row = {"tokens": num_tokens, "qk_norm": norm, "dtype": str(dtype)}
-    try:
+    def measure(row: dict) -> None:
         inputs = make_inputs(shape, num_tokens, norm, dtype, device)
         tri = ops["triton"]
         fused = lambda **a: tri.prepare_qkv(**a)  # noqa: E731
@@ -142,11 +140,8 @@ def run_case(ops: dict, shape: Shape, num_tokens: int, norm: bool, dtype, repeat
             row[f"{name}_graph_us"] = graph_us(run, repeat, on_gpu)
         row["graph_speedup"] = row["unfused_graph_us"] / row["fused_graph_us"]
         row["ok"] = row["diff_unfused"] == 0.0
-    except Exception as exc:  # one broken case must not hide the others
-        row.update(ok=False, error=f"{type(exc).__name__}: {exc}")
-        traceback.print_exc()
-    print(_format_row(row), flush=True)
-    return row
+    return run_guarded({"tokens": num_tokens, "qk_norm": norm, "dtype": str(dtype)},
+                       measure, _format_row)
 
 
 def _format_row(row: dict) -> str:

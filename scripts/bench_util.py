@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import traceback
+from collections.abc import Callable
 
 import torch
 
@@ -23,3 +25,16 @@ def gpu_or_smoke(parser: argparse.ArgumentParser, smoke: bool) -> bool:
         parser.error("no CUDA device: only --smoke runs on CPU")
     os.environ.setdefault("TRITON_INTERPRET", "1")
     return False
+
+
+def run_guarded(row: dict, measure: Callable[[dict], None],
+                format_row: Callable[[dict], str]) -> dict:
+    """Fill one result row with measure(row) and print it. A failure is recorded in the
+    row (ok=False, error) with its traceback, so one broken case does not hide the others."""
+    try:
+        measure(row)
+    except Exception as exc:  # noqa: BLE001 - reported in the row and on stderr
+        row.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+        traceback.print_exc()
+    print(format_row(row), flush=True)
+    return row

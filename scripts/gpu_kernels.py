@@ -15,7 +15,6 @@ import os
 import statistics
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atom_rollout.kernels import AttentionMetadata, TorchOps  # noqa: E402
-from bench_util import gpu_or_smoke, json_safe  # noqa: E402
+from bench_util import gpu_or_smoke, json_safe, run_guarded  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -200,20 +199,17 @@ def bench(fn: Callable, on_gpu: bool) -> float:
 
 
 def run_case(case: Case, dtype, on_gpu: bool) -> dict:
-    row = {"op": case.op, "model": case.model, "shape": case.shape, "dtype": str(dtype)}
-    try:
+    def measure(row: dict) -> None:
         run_tri, run_ref, compare, nbytes = case.build()
         row["max_abs_err"], row["ok"] = compare()
         row["triton_ms"] = bench(run_tri, on_gpu)
         row["torch_ms"] = _bench_or_nan(run_ref, on_gpu)
         row["speedup"] = row["torch_ms"] / row["triton_ms"]
         row["triton_gbps"] = nbytes / row["triton_ms"] / 1e6
-    except Exception as exc:  # one broken case must not hide the others
-        row.update(ok=False, error=f"{type(exc).__name__}: {exc}")
-        traceback.print_exc()
+    row = run_guarded({"op": case.op, "model": case.model, "shape": case.shape,
+                       "dtype": str(dtype)}, measure, _format_row)
     if on_gpu:
         torch.cuda.empty_cache()
-    print(_format_row(row), flush=True)
     return row
 
 

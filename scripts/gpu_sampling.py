@@ -20,7 +20,6 @@ import os
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atom_rollout.sampler import SamplingTensors, sample  # noqa: E402
-from bench_util import gpu_or_smoke, json_safe  # noqa: E402
+from bench_util import gpu_or_smoke, json_safe, run_guarded  # noqa: E402
 
 VOCAB = 151936
 ROWS = (1, 64, 256)
@@ -104,8 +103,7 @@ def compare(fused, args, kwargs, st) -> tuple[int, float]:
 
 
 def run_case(fused, rows: int, vocab: int, mix: str, dtype, device, on_gpu: bool) -> dict:
-    row = {"rows": rows, "vocab": vocab, "mix": mix, "dtype": str(dtype)}
-    try:
+    def measure(row: dict) -> None:
         args, kwargs, st = make_inputs(rows, vocab, mix, dtype, device)
         row["mismatches"], row["max_logprob_err"] = compare(fused, args, kwargs, st)
         run_fused = lambda: fused(*args, **kwargs)  # noqa: E731
@@ -118,11 +116,8 @@ def run_case(fused, rows: int, vocab: int, mix: str, dtype, device, on_gpu: bool
         logit_bytes = rows * vocab * torch.empty(0, dtype=dtype).element_size()
         row["fused_graph_gbps"] = logit_bytes / row["fused_graph_us"] / 1e3
         row["ok"] = row["mismatches"] <= max(1, rows // 50) and row["max_logprob_err"] < 1e-4
-    except Exception as exc:  # one broken case must not hide the others
-        row.update(ok=False, error=f"{type(exc).__name__}: {exc}")
-        traceback.print_exc()
-    print(_format_row(row), flush=True)
-    return row
+    return run_guarded({"rows": rows, "vocab": vocab, "mix": mix, "dtype": str(dtype)},
+                       measure, _format_row)
 
 
 def _format_row(row: dict) -> str:

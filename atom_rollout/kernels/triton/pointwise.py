@@ -70,17 +70,26 @@ def _rotate_heads(base, stride_h, num_heads, cos, sin, halves, half_mask,
 
 
 @triton.jit
-def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_sin_ptr, num_q_heads, num_k_heads,
-                   stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
-                   HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                   BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr):
-    token = tl.program_id(0).to(tl.int64)
+def _cos_sin(cos_sin_ptr, pos_ptr, token, stride_cs, HALF: tl.constexpr,
+             BLOCK_HALF: tl.constexpr):
+    """A token's rotary cos and sin halves (fp32), their offsets and mask."""
     pos = tl.load(pos_ptr + token).to(tl.int64)
     halves = tl.arange(0, BLOCK_HALF)
     half_mask = halves < HALF
     row = cos_sin_ptr + pos * stride_cs
     cos = tl.load(row + halves, mask=half_mask, other=0.0).to(tl.float32)
     sin = tl.load(row + HALF + halves, mask=half_mask, other=0.0).to(tl.float32)
+    return cos, sin, halves, half_mask
+
+
+@triton.jit
+def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_sin_ptr, num_q_heads, num_k_heads,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
+                   HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                   BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    cos, sin, halves, half_mask = _cos_sin(cos_sin_ptr, pos_ptr, token, stride_cs, HALF,
+                                           BLOCK_HALF)
     _rotate_heads(q_ptr + token * stride_qt, stride_qh, num_q_heads, cos, sin,
                   halves, half_mask, HALF, BLOCK_QH)
     _rotate_heads(k_ptr + token * stride_kt, stride_kh, num_k_heads, cos, sin,

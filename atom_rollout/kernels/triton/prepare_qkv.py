@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..interface import check_qk_weights
-from .pointwise import _row_warps
+from .pointwise import _cos_sin, _row_warps
 
 
 @triton.jit
@@ -71,12 +71,8 @@ def _prepare_qkv_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, q_w_ptr, k_w_
                         BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    pos = tl.load(pos_ptr + token).to(tl.int64)
-    halves = tl.arange(0, BLOCK_HALF)
-    half_mask = halves < HALF
-    row = cos_sin_ptr + pos * stride_cs
-    cos = tl.load(row + halves, mask=half_mask, other=0.0).to(tl.float32)
-    sin = tl.load(row + HALF + halves, mask=half_mask, other=0.0).to(tl.float32)
+    cos, sin, halves, half_mask = _cos_sin(cos_sin_ptr, pos_ptr, token, stride_cs, HALF,
+                                           BLOCK_HALF)
     if head < num_q_heads:
         _prepare_head(q_ptr + token * stride_qt + head * stride_qh,
                       q_out_ptr + token * stride_oqt + head * stride_oqh, q_w_ptr,
