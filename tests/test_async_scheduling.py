@@ -162,9 +162,14 @@ def test_abort_while_in_flight_frees_everything(llama):
     assert stats["free_kv_blocks"] == stats["num_kv_blocks"]
 
 
-def test_async_scheduling_option_is_checked(llama):
+def test_async_scheduling_option_is_checked(llama, monkeypatch):
     with pytest.raises(ValueError, match="async_scheduling"):
         RolloutEngine(llama[0], async_scheduling="yes", show_progress=False)
+    monkeypatch.delenv("ATOM_ROLLOUT_ASYNC_SCHEDULING", raising=False)
     engine = RolloutEngine(llama[0], show_progress=False)
     assert engine.core.async_scheduling is False  # CPU default
     assert torch.device(engine.core.device).type == "cpu"
+    monkeypatch.setenv("ATOM_ROLLOUT_ASYNC_SCHEDULING", "1")  # the default, not the option
+    assert RolloutEngine(llama[0], show_progress=False).core.async_scheduling is True
+    engine = RolloutEngine(llama[0], show_progress=False, async_scheduling=False)
+    assert engine.core.async_scheduling is False

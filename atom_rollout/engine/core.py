@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import itertools
 import random
 
@@ -28,6 +29,7 @@ from .streamed_update import StreamedUpdate
 
 
 INFLIGHT_POLICIES = ("recompute", "keep", "abort")
+ASYNC_ENV_VAR = "ATOM_ROLLOUT_ASYNC_SCHEDULING"  # 0/1: the default of async_scheduling
 
 
 def _device_guard(device: torch.device):
@@ -440,9 +442,12 @@ class EngineCore:
 def _use_async_scheduling(config: EngineConfig, device: torch.device) -> bool:
     """Default: on for plain engines on a GPU, where the host work of a step overlaps
     the GPU work of the one before; a CPU runs both on the same cores."""
-    if config.async_scheduling is None:
-        return device.type == "cuda" and not config.num_speculative_tokens
-    return config.async_scheduling
+    if config.async_scheduling is not None:
+        return config.async_scheduling
+    forced = os.environ.get(ASYNC_ENV_VAR)
+    if forced in ("0", "1"):
+        return forced == "1" and not config.num_speculative_tokens
+    return device.type == "cuda" and not config.num_speculative_tokens
 
 
 def _check_update_args(inflight: str, version: int | None) -> None:
