@@ -27,8 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from atom_rollout.sampler import SamplingTensors, sample  # noqa: E402
 from bench_util import gpu_or_smoke, json_safe, run_guarded  # noqa: E402
+
+if "--smoke" in sys.argv and not torch.cuda.is_available():
+    # before atom_rollout's imports: transformers imports triton, which must already
+    # know it runs on the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+from atom_rollout.sampler import SamplingTensors, sample  # noqa: E402
 
 VOCAB = 151936
 ROWS = (1, 64, 256)
