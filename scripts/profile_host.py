@@ -107,10 +107,11 @@ def instrument(engine: RolloutEngine) -> PhaseTimer:
     timer.wrap(runner, "_prepare", "prepare", exclude=("sampling_tensors",))
     timer.wrap(runner, "_eager_forward", "forward")
     timer.wrap(runner, "_sampling_tensors", "sampling_tensors")
-    if hasattr(runner, "_sampling_rows"):  # built (and uploaded with the rest) in _prepare
-        timer.wrap(runner, "_sampling_rows", "sampling_tensors")
+    # built (and uploaded with the rest) in _prepare
+    timer.wrap(runner.sampling_rows, "step", "sampling_tensors")
     timer.wrap(runner, "_sample", "sample", exclude=("sampling_tensors",))
-    timer.wrap(runner, "_to_host", "to_host")
+    timer.wrap(runner, "_start_copy", "to_host")  # the read-back: started, then waited for
+    timer.wrap(runner, "resolve", "to_host")
     timer.wrap(core, "_postprocess", "postprocess")
     return timer
 

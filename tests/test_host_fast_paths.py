@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from atom_rollout import RolloutEngine, SamplingParams
-from atom_rollout.engine import block_manager, model_runner, scheduler
+from atom_rollout.engine import block_manager, model_runner, sampling_rows, scheduler
 from atom_rollout.engine.block_manager import BlockManager, BlockTables
 from atom_rollout.engine.sequence import Sequence
 
@@ -59,7 +59,7 @@ def test_fast_paths_match_the_general_paths_exactly(llama, monkeypatch):
     monkeypatch.setattr(scheduler.ScheduledBatch, "is_decode", property(lambda self: False))
     monkeypatch.setattr(block_manager.BlockManager, "grow_decode", lambda self, seq: False)
     monkeypatch.setattr(model_runner, "_upload_packed", _upload_one_by_one)
-    monkeypatch.setattr(model_runner._SamplingRows, "build", _uncached_build)
+    monkeypatch.setattr(sampling_rows.SamplingRows, "build", _uncached_build)
     monkeypatch.setattr(model_runner.ModelRunner, "_block_tables",
                         lambda self, batch: model_runner._padded_tables(
                             [s.block_table for s in batch.seqs]))
@@ -72,7 +72,7 @@ def _upload_one_by_one(arrays, device):
     return [torch.from_numpy(np.array(a)) for a in arrays]
 
 
-_original_build = model_runner._SamplingRows.build
+_original_build = sampling_rows.SamplingRows.build
 
 
 def _uncached_build(seqs):
@@ -154,7 +154,7 @@ def test_sampling_rows_match_the_per_step_formulas():
     for subset in (params, params[1:2], params[-2:], params[4:5]):
         seqs = [Sequence(i, "r", 0, [1] * (i + 2), i + 1, p, 99, keys[i])
                 for i, p in enumerate(subset)]
-        rows = model_runner._SamplingRows.build(seqs)
+        rows = sampling_rows.SamplingRows.build(seqs)
         as_list = lambda a: a.tolist()  # noqa: E731
         assert as_list(rows.temperature) == torch.tensor(
             [p.temperature for p in subset], dtype=torch.float32).tolist()

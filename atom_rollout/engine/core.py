@@ -22,13 +22,14 @@ from .cuda_graphs import DecodeGraphs
 from .kv_cache import allocate_kv_cache, num_kv_blocks
 from .model_runner import Launched, ModelRunner, StepResult
 from .scheduler import Scheduler
-from .sequence import Sequence
+from .sequence import Sequence, SequenceStatus
 from .prompt_check import check_params
 from .speculation import MTPSpeculator
 from .streamed_update import StreamedUpdate
 
 
 INFLIGHT_POLICIES = ("recompute", "keep", "abort")
+_FINISHED = SequenceStatus.FINISHED
 ASYNC_ENV_VAR = "ATOM_ROLLOUT_ASYNC_SCHEDULING"  # 0/1: the default of async_scheduling
 
 
@@ -263,17 +264,19 @@ class EngineCore:
                                                          result.logprobs)):
             if seq.num_placeholders:
                 seq.resolve_placeholder(token, logprob, version)
-            elif seq.is_finished:
+                known = len(seq.token_ids) - seq.num_placeholders
+            elif seq.status is _FINISHED:
                 continue  # ended (stop token, abort) while this step was in flight
             else:
                 seq.append_token(token, logprob, version)
+                known = len(seq.token_ids)
             if raw is not None:
                 seq.raw_logprobs.append(raw[row])
             if top is not None:
                 seq.top_logprobs.append(top[row])
             stops = seq.stop_ids if seq.stop_ids is not None else self._stop_ids(seq)
             # _stop_reason is None unless the token may stop or the length is reached
-            if ((token in stops or seq.num_known_tokens >= seq.max_num_tokens)
+            if ((token in stops or known >= seq.max_num_tokens)
                     and self._finish_if_done(seq, token)):
                 finished.append(seq)
         finished += self._accept_verified(result)

@@ -11,9 +11,9 @@ import torch
 from ..kernels import AttentionMetadata, KernelOps
 from ..models import DecoderForCausalLM
 from ..sampler import SamplingTensors, sample
-from ..sampler.noise import row_uniforms_np
 from .cuda_graphs import DecodeGraphs
 from .packing import upload_packed as _upload_packed
+from .sampling_rows import SamplingRowCache
 from .scheduler import ScheduledBatch
 from .speculation import MTPSpeculator, Proposal, StepTables, Verified
 from .sequence import Sequence
@@ -67,6 +67,7 @@ class ModelRunner:
         self.model, self.ops, self.kv_caches = model, ops, kv_caches
         self.block_size, self.device = block_size, device
         self.eos_token_ids = eos_token_ids
+        self.sampling_rows = SamplingRowCache(eos_token_ids)
         self.score_chunk_tokens = score_chunk_tokens
         self.graphs = graphs
         self.speculator = speculator
@@ -187,7 +188,6 @@ class ModelRunner:
 
     # Sampling tensors built (and uploaded) by _prepare, for the _sample of the same step.
     _staged_sampling: tuple[list[Sequence], SamplingTensors] | None = None
-    _sampling_cache: _SamplingRows | None = None
 
     def _prepare(self, batch: ScheduledBatch, overlapped: bool = False) -> _Inputs:
         """The step's inputs on the device: metadata and sampling rows go up in one copy."""
@@ -199,7 +199,7 @@ class ModelRunner:
             arrays = arrays + list(feed)
         sampling = None
         if host.sample_seqs:
-            sampling = self._sampling_rows(host.sample_seqs, host.sample_positions)
+            sampling = self.sampling_rows.step(host.sample_seqs, host.sample_positions)
             arrays = arrays + sampling.arrays
         views = _upload_packed(arrays, self.device)
         if feed is not None:
@@ -207,7 +207,8 @@ class ModelRunner:
             views[0].index_copy_(0, rows, self._last_tokens.index_select(0, sources))
             del views[len(host.arrays):len(host.arrays) + 2]
         if sampling is not None:
-            tensors = self._sampling_from(sampling, views[len(host.arrays):])
+            tensors = self.sampling_rows.tensors(sampling, views[len(host.arrays):],
+                                                 self.fused_sampling)
             self._staged_sampling = (host.sample_seqs, tensors)
         tables = None
         if self.speculator is not None:
@@ -297,50 +298,9 @@ class ModelRunner:
         staged, self._staged_sampling = self._staged_sampling, None
         if staged is not None and staged[0] is seqs:
             return staged[1]
-        rows = self._sampling_rows(seqs, None)
-        return self._sampling_from(rows, _upload_packed(rows.arrays, self.device))
-
-    def _sampling_rows(self, seqs: list[Sequence], positions: np.ndarray | None) -> _StepSampling:
-        """Host arrays of the rows' settings (cached while the same sequences sample) and
-        of this step's draws. positions: each row's last token position, when known."""
-        cache = self._sampling_cache
-        if cache is None or cache.seqs != seqs:
-            cache = self._sampling_cache = _SamplingRows.build(seqs)
-        if positions is None:
-            counters = np.array([s.num_output_tokens for s in seqs], dtype=np.int64)
-        else:
-            counters = positions + 1 - cache.prompt_lens
-        arrays = [] if cache.on_device else [cache.temperature, cache.top_k, cache.top_p,
-                                              cache.min_p]
-        arrays.append(row_uniforms_np(cache.keys, counters))
-        banned = self._banned(seqs) if cache.any_min_tokens else []
-        if banned:
-            arrays.append(np.ascontiguousarray(np.array(banned, dtype=np.int64).T))
-        return _StepSampling(cache, arrays)
-
-    def _banned(self, seqs: list[Sequence]) -> list[tuple[int, int]]:
-        """(row, token) pairs of stop tokens a row may not draw yet (min_tokens)."""
-        return [(row, token) for row, s in enumerate(seqs)
-                if s.num_output_tokens < s.params.min_tokens
-                for token in self._stop_tokens(s)]
-
-    def _sampling_from(self, step: _StepSampling, views: list[torch.Tensor]) -> SamplingTensors:
-        """SamplingTensors from the uploaded views of step.arrays."""
-        rows = step.rows
-        if not rows.on_device:  # uploaded this step; reused while the rows stay the same
-            rows.on_device, views = views[:4], views[4:]
-        temperature, top_k, top_p, min_p = rows.on_device
-        return SamplingTensors(
-            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-            uniforms=views[0], banned=views[1] if len(views) > 1 else None,
-            use_sort=rows.use_sort, use_min_p=rows.use_min_p,
-            num_top_logprobs=rows.num_top_logprobs, all_greedy=rows.all_greedy,
-            any_greedy=rows.any_greedy, need_raw=rows.need_raw,
-            fused_kernel=self.fused_sampling)
-
-    def _stop_tokens(self, seq: Sequence) -> set[int]:
-        eos = set() if seq.params.ignore_eos else set(self.eos_token_ids)
-        return eos | set(seq.params.stop_token_ids)
+        step = self.sampling_rows.step(seqs, None)
+        return self.sampling_rows.tensors(step, _upload_packed(step.arrays, self.device),
+                                          self.fused_sampling)
 
     def _to_host(self, seqs: list[Sequence], out) -> StepResult:
         return self.resolve(self._start_copy(seqs, out))
@@ -406,52 +366,3 @@ class _HostInputs:
     rows: list
     verify_rows: list
     sample_positions: np.ndarray | None  # decode steps: each sampled row's position
-
-
-@dataclass
-class _SamplingRows:
-    """Sampling settings of a list of sequences as host arrays; they never change during a
-    request, so they are rebuilt only when the batch's sequences change."""
-
-    seqs: list[Sequence]
-    temperature: np.ndarray  # float32
-    top_k: np.ndarray  # int64
-    top_p: np.ndarray  # float32
-    min_p: np.ndarray  # float32
-    keys: np.ndarray  # int64 noise keys
-    prompt_lens: np.ndarray  # int64
-    any_min_tokens: bool
-    use_sort: bool
-    use_min_p: bool
-    num_top_logprobs: int
-    all_greedy: bool
-    any_greedy: bool
-    need_raw: bool
-    on_device: list[torch.Tensor] | None = None  # temperature, top_k, top_p, min_p
-
-    @classmethod
-    def build(cls, seqs: list[Sequence]) -> "_SamplingRows":
-        params = [s.params for s in seqs]
-        # Flags from float64 copies: float32 could round e.g. top_p=0.99999999 up to 1.
-        temperature = np.array([p.temperature for p in params], dtype=np.float64)
-        top_k = np.array([p.top_k for p in params], dtype=np.int64)
-        top_p = np.array([p.top_p for p in params], dtype=np.float64)
-        min_p = np.array([p.min_p for p in params], dtype=np.float64)
-        sampled = temperature != 0  # not greedy
-        any_greedy = not sampled.all()
-        return cls(list(seqs), temperature.astype(np.float32), top_k,
-                   top_p.astype(np.float32), min_p.astype(np.float32),
-                   np.array([s.noise_key for s in seqs], dtype=np.uint64).view(np.int64),
-                   np.array([s.num_prompt_tokens for s in seqs], dtype=np.int64),
-                   any(p.min_tokens > 0 for p in params),
-                   bool((((top_k > 0) | (top_p < 1)) & sampled).any()),
-                   bool(((min_p > 0) & sampled).any()),
-                   max(p.logprobs or 0 for p in params),
-                   not sampled.any(), any_greedy,
-                   any_greedy or any(p.return_raw_logprobs for p in params))
-
-
-@dataclass
-class _StepSampling:
-    rows: _SamplingRows
-    arrays: list[np.ndarray]  # [temperature, top_k, top_p, min_p,] uniforms[, banned [2, N]]

@@ -94,7 +94,7 @@ class Sequence:
 
     def append_token(self, token_id: int, logprob: float, weight_version: int) -> None:
         self.token_ids.append(token_id)
-        self._record(logprob, weight_version, len(self.token_ids) - self.num_prompt_tokens)
+        self._record(logprob, weight_version)
 
     def add_placeholder(self, sample_row: int) -> None:
         self.token_ids.append(PLACEHOLDER)
@@ -106,7 +106,7 @@ class Sequence:
         index = len(self.token_ids) - self.num_placeholders
         self.token_ids[index] = token_id
         self.num_placeholders -= 1
-        self._record(logprob, weight_version, index + 1 - self.num_prompt_tokens)
+        self._record(logprob, weight_version)
 
     def drop_placeholders(self) -> None:
         """A finished sequence forgets tokens sampled after its end."""
@@ -115,9 +115,10 @@ class Sequence:
             self.num_placeholders = 0
             self.num_computed_tokens = min(self.num_computed_tokens, len(self.token_ids))
 
-    def _record(self, logprob: float, weight_version: int, end: int) -> None:
-        """Logprob and version span of output token end - 1."""
+    def _record(self, logprob: float, weight_version: int) -> None:
+        """Logprob and version span of the newest known output token."""
         self.logprobs.append(logprob)
+        end = len(self.logprobs)  # one logprob per known output token
         spans = self.version_spans
         if spans and spans[-1][0] == weight_version:
             spans[-1][2] = end
