@@ -352,7 +352,7 @@ def test_attention_layer_calls_prepare_qkv(tri):
 
 def _unfused_ops() -> TritonOps:
     ops = TritonOps()
-    ops.fused_qkv = False  # what ATOM_ROLLOUT_FUSED_QKV=0 does
+    ops.fused_qkv = False
     return ops
 
 

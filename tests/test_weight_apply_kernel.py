@@ -80,12 +80,10 @@ def _saved_offsets(params):
     return out
 
 
-@pytest.mark.parametrize("programs", [None, "3"])  # one per chunk / 3 looping over all
+@pytest.mark.parametrize("programs", [0, 3])  # one per chunk / 3 looping over all
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_kernel_matches_torch_path_bit_for_bit(wa, dtype, aligned, programs, monkeypatch):
-    if programs:
-        monkeypatch.setenv("ATOM_ROLLOUT_APPLY_PROGRAMS", programs)
+def test_kernel_matches_torch_path_bit_for_bit(wa, dtype, aligned, programs):
     fused, params, src, saved_at, bucket, room_numel = _layout(dtype, seed=3, aligned=aligned)
     untouched = fused[0].clone()
     saved_ref, new_ref = _torch_reference(params, src, bucket, room_numel)
@@ -93,7 +91,7 @@ def test_kernel_matches_torch_path_bit_for_bit(wa, dtype, aligned, programs, mon
     assert table.aligned == aligned and table.num_chunks > len(params)
     room = torch.zeros(room_numel, dtype=dtype, device=DEVICE)
     flags = torch.zeros(4, dtype=torch.int32, device=DEVICE)
-    wa.apply_bucket(table, bucket, room.view(torch.uint8), flags, 2)
+    wa.apply_bucket(table, bucket, room.view(torch.uint8), flags, 2, max_programs=programs)
     for p, expected in zip(params, new_ref):
         assert torch.equal(_bits(p), _bits(expected))
     assert torch.equal(_bits(room), _bits(saved_ref))  # every old value kept, exactly

@@ -1,7 +1,6 @@
 """TritonOps: the KernelOps interface on Triton kernels (CUDA and ROCm)."""
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
@@ -23,8 +22,7 @@ class TritonOps:
         self._kv_cache = kv_cache
         self._pointwise = pointwise
         self._prepare_qkv = prepare_qkv
-        # $ATOM_ROLLOUT_FUSED_QKV=0: q/k norm, rotary and the KV write as separate kernels
-        self.fused_qkv = os.environ.get("ATOM_ROLLOUT_FUSED_QKV", "1") != "0"
+        self.fused_qkv = True  # False: q/k norm, rotary and the KV write as separate kernels
         self._target_programs: dict[torch.device, int] = {}
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,

@@ -15,7 +15,6 @@ bit-exact whatever the float format, and the NaN/inf test is an exponent-bits te
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -73,15 +72,13 @@ def _apply_chunk(segments, chunk_segment, src, saved, flags, flag_index, chunk,
             tl.store(flags + flag_index, bad)
 
 
-def _num_programs(num_chunks: int, device: torch.device) -> int:
-    """Programs per launch; each loops over chunks. One per SM leaves room to the NCCL
-    kernels receiving the next buckets meanwhile: on 2x H100 (Qwen3-0.6B, 256 MiB
-    buckets) an update took 4.37 ms with 132 programs, 4.52 ms with one per chunk and
-    6.10 ms with 48. $ATOM_ROLLOUT_APPLY_PROGRAMS overrides (0: one per chunk)."""
-    override = os.environ.get("ATOM_ROLLOUT_APPLY_PROGRAMS")
-    if override is not None:
-        cap = int(override)
-    else:
+def _num_programs(num_chunks: int, device: torch.device, max_programs: int | None) -> int:
+    """Programs per launch; each loops over chunks. One per SM (max_programs=None) leaves
+    room to the NCCL kernels receiving the next buckets meanwhile: on 2x H100 (Qwen3-0.6B,
+    256 MiB buckets) an update took 4.37 ms with 132 programs, 4.52 ms with one per chunk
+    (max_programs=0) and 6.10 ms with 48."""
+    cap = max_programs
+    if cap is None:
         cap = _sm_count(device.index) if device.type == "cuda" else 0
     return min(num_chunks, cap) if cap > 0 else num_chunks
 
@@ -138,7 +135,8 @@ def build_table(params: list[torch.Tensor], src_offsets: list[int],
 
 
 def apply_bucket(table: ApplyTable, src: torch.Tensor, saved: torch.Tensor,
-                 flags: torch.Tensor | None = None, flag_index: int = 0) -> None:
+                 flags: torch.Tensor | None = None, flag_index: int = 0,
+                 max_programs: int | None = None) -> None:
     """One launch on the current device and stream: keep every parameter slice in
     `saved` (flat, the table's dtype or bytes), write it from `src` (the flat bucket),
     and set flags[flag_index] to 1 when any incoming value is NaN/inf (flags: int32,
@@ -153,7 +151,7 @@ def apply_bucket(table: ApplyTable, src: torch.Tensor, saved: torch.Tensor,
                          f"{table.saved_numel}")
     if src.device != table.segments.device or saved.device != table.segments.device:
         raise ValueError("weight_apply: bucket, saved room and parameters must share a device")
-    _apply_bucket_kernel[(_num_programs(table.num_chunks, src.device),)](
+    _apply_bucket_kernel[(_num_programs(table.num_chunks, src.device, max_programs),)](
         table.segments, table.chunk_segment, src, saved,
         table.segments if flags is None else flags, flag_index, table.num_chunks,
         CHUNK=table.chunk, VEC=_ALIGN // src.element_size(), ALIGNED=table.aligned,
