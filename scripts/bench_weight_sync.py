@@ -224,11 +224,11 @@ def engine_apply(recv: WeightReceiver, timer: Timer, model: str, device) -> dict
 
     out = {"e2e_engine_staged_ms": median_ms(timer(receive_and_update)),
            "engine_apply_ms": median_ms(applies[-timer.iters:])}
-    engine.core._receiver = recv  # the group this benchmark already joined
+    engine.core.weight_broadcast.receiver = recv  # the group this benchmark already joined
     out["e2e_engine_ms"] = median_ms(timer(lambda: engine.receive_weights()))
     out["engine_version"] = engine.weight_version
     out["engine_verified"] = engine_holds(engine, qwen3_shapes(**MODELS[model]), device)
-    engine.core._receiver = None
+    engine.core.weight_broadcast.receiver = None
     del engine
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -15,7 +15,7 @@ from ..models import (WeightMap, build_model, init_dummy_weights, iter_checkpoin
                       load_checkpoint)
 from ..sampler import SamplingParams
 from ..sampler.noise import sample_key
-from ..weight_sync import IpcPayload, ReceivedUpdate, WeightReceiver, rebuild_ipc
+from ..weight_sync import IpcPayload, ReceivedUpdate, rebuild_ipc
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
@@ -25,7 +25,7 @@ from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 from .prompt_check import check_params
 from .speculation import MTPSpeculator
-from .streamed_update import StreamedUpdate
+from .weight_broadcast import WeightBroadcast
 
 
 INFLIGHT_POLICIES = ("recompute", "keep", "abort")
@@ -59,14 +59,13 @@ class EngineCore:
         self.max_model_len = _max_model_len(self.hf_config, config.max_model_len)
         self.num_draft = config.num_speculative_tokens
         self.model, self.weight_map = self._load_model()
-        self._parameters = list(self.model.parameters())  # .to() keeps these objects
         self.ops = select_backend(self.device, config.kernel_backend)
         self.eos_token_ids = _eos_token_ids(self.hf_config, config.model_dir)
         self.runner = self._build_cache_and_runner()
         self.weight_version = 0
         self._finished_elsewhere: list[Sequence] = []  # e.g. aborted by a weight update
-        self._receiver: WeightReceiver | None = None
-        self._streamed: StreamedUpdate | None = None  # reused: it caches the layout
+        self.weight_broadcast = WeightBroadcast(self.weight_map, list(self.model.parameters()),
+                                                self.device)
         self.drafts_proposed, self.drafts_accepted_at = 0, [0] * self.num_draft
         self.async_scheduling = _use_async_scheduling(config, self.device)
         self._in_flight: Launched | None = None  # async scheduling: launched, not resolved
@@ -119,7 +118,7 @@ class EngineCore:
         if self.scheduler.has_work():
             raise RuntimeError("sleep: requests are still in flight; finish or abort them")
         self.runner = self.kv_cache = None
-        self._streamed = None  # its scratch buffer
+        self.weight_broadcast.release_scratch()
         if offload_weights:
             self.model.to("cpu")
         if self.device.type == "cuda":
@@ -370,20 +369,13 @@ class EngineCore:
                          world_size: int, backend: str = "nccl", timeout_s: float = 600.0) -> None:
         """Join the trainer's standalone weight-broadcast group as rank ``rank_offset``
         (blocks until every rank has joined)."""
-        if self._receiver is not None:
-            self._receiver.close()
-            self._receiver = None
-        self._streamed = None  # it may reference the old receiver's buffers
-        device = self.device if backend == "nccl" else torch.device("cpu")
-        self._receiver = WeightReceiver(master_address, master_port, rank_offset, world_size,
-                                        backend=backend, device=device, timeout_s=timeout_s)
+        self.weight_broadcast.join(master_address, master_port, rank_offset, world_size,
+                                   backend, timeout_s)
 
     @on_engine_device
     def receive_update(self, timeout_s: float | None = None) -> ReceivedUpdate:
         """Block until one whole broadcast has arrived; touches no engine state."""
-        if self._receiver is None:
-            raise RuntimeError("receive_weights: call init_weight_sync first")
-        return self._receiver.receive(timeout_s)
+        return self.weight_broadcast.receive(timeout_s)
 
     @on_engine_device
     def receive_weights(self, timeout_s: float | None = None, inflight: str = "recompute",
@@ -393,25 +385,13 @@ class EngineCore:
         this returns. Returns the new version."""
         self.drain()
         _check_update_args(inflight, None)
-        if self._receiver is None:
-            raise RuntimeError("receive_weights: call init_weight_sync first")
-        if not self._params_on(self._receiver.device):  # e.g. asleep with weights offloaded
-            update = self.receive_update(timeout_s)
+        broadcast = self.weight_broadcast
+        if not broadcast.can_stream():
+            update = broadcast.receive(timeout_s)
             return self.update_weights(update.named_tensors, update.version, inflight,
                                        partial, check_finite)
-        streamed = self._streamed = self._streamed or StreamedUpdate(self.weight_map)
-        check_plan = streamed.begin(partial, check_finite)
-        try:
-            received = self._receiver.receive(timeout_s, on_bucket=streamed.apply_bucket,
-                                              on_plan=check_plan)
-            streamed.commit()
-        except BaseException:
-            streamed.rollback()
-            raise
-        return self._weights_changed(received.version, inflight)
-
-    def _params_on(self, device: torch.device) -> bool:
-        return all(p.device == device for p in self._parameters)
+        version = broadcast.receive_into_model(timeout_s, partial, check_finite)
+        return self._weights_changed(version, inflight)
 
     @on_engine_device
     def update_weights_from_ipc(self, payload: IpcPayload, **options) -> int:
