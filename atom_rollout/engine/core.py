@@ -198,9 +198,9 @@ class EngineCore:
         result = self.runner.run(batch)
         return finished + self._advance(batch) + self._postprocess(result)
 
-    def _schedule(self, overlapped: bool = False):
-        batch = self.scheduler.schedule(overlapped)
-        if not batch.seqs and not overlapped:
+    def _schedule(self):
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
             raise RuntimeError("scheduler made no progress: the KV cache cannot hold the "
                                "next waiting sequence (this is a bug, please report it)")
         return batch
@@ -209,14 +209,11 @@ class EngineCore:
         """Launch the next step before reading back the one in flight. Anything that
         would need the in-flight tokens on the host first (preemption, or nothing left to
         schedule until they are known) resolves it before scheduling."""
-        finished = []
+        finished, batch = [], None
         if self._in_flight is not None:
             batch = self.scheduler.schedule(overlapped=True)
-            if batch.needs_room or not batch.seqs:
-                finished = self._resolve_in_flight()
-                batch = None
-        else:
-            batch = None
+            if batch.needs_room or not batch.seqs:  # it needs the in-flight tokens first
+                finished, batch = self._resolve_in_flight(), None
         if batch is None:
             if not self.scheduler.has_work():
                 return finished
