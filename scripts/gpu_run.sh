@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, kernel/sampling timing, engine checks, benchmarks ($OUT).
-#   bash scripts/gpu_run.sh [all|checks|bench|bench8b|spec|serving]
+#   bash scripts/gpu_run.sh [all|checks|bench|bench8b|profile|spec|serving]
 # spec needs SMOL=<SmolLM2 dir with an MTP head> (scripts/gpu_smollm2.sh makes one).
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -24,6 +24,11 @@ fi
 if [[ $what == all || $what == bench8b ]]; then
   python -m atom_rollout.bench --model qwen3-8b --suite latency --no-hf \
     --json $OUT/bench_8b.json 2>&1 | tail -3
+fi
+if [[ $what == profile ]]; then  # where a step's time goes (synchronous steps)
+  python scripts/profile_workload.py --sync --workload nano-vllm \
+    --json $OUT/profile_nano_sync.json 2>&1 | tail -8
+  python scripts/profile_decode.py --batch 256 2>&1 | tail -16
 fi
 if [[ $what == spec ]]; then
   python scripts/bench_speculative.py ${SMOL:?set SMOL} --k 3 --batches 1,16,64 \
