@@ -66,7 +66,6 @@ class ModelRunner:
                  graphs: DecodeGraphs | None = None, speculator: MTPSpeculator | None = None):
         self.model, self.ops, self.kv_caches = model, ops, kv_caches
         self.block_size, self.device = block_size, device
-        self.eos_token_ids = eos_token_ids
         self.sampling_rows = SamplingRowCache(eos_token_ids)
         self.score_chunk_tokens = score_chunk_tokens
         self.graphs = graphs
@@ -278,9 +277,6 @@ class ModelRunner:
         if self.device.type == "cpu" or host.device.type != "cpu":  # e.g. _prepare's views
             return host
         return host.pin_memory().to(self.device, non_blocking=True)
-
-    def _tensor(self, values, dtype: torch.dtype) -> torch.Tensor:
-        return self._upload(torch.tensor(values, dtype=dtype))
 
     def _score(self, hidden: torch.Tensor, score_rows) -> None:
         """Logprobs of given tokens, materialising at most score_chunk_tokens
