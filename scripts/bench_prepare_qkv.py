@@ -19,7 +19,6 @@ import math
 import os
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atom_rollout.kernels import TorchOps, unfused_prepare_qkv  # noqa: E402
-from bench_util import gpu_or_smoke, json_safe, run_guarded  # noqa: E402
+from bench_util import gpu_or_smoke, json_safe, median_us, run_guarded  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -83,20 +82,6 @@ def max_diff(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
                for g, e in zip(got, expected))
 
 
-def bench_us(fn: Callable, on_gpu: bool) -> float:
-    """Median microseconds of eager calls."""
-    if on_gpu:
-        import triton.testing
-        return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-    fn()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(times)
-
-
 def graph_us(fn: Callable, repeat: int, on_gpu: bool) -> float:
     """Median microseconds per call of a CUDA graph holding `repeat` calls; nan off GPU."""
     if not on_gpu:
@@ -136,7 +121,7 @@ def run_case(ops: dict, shape: Shape, num_tokens: int, norm: bool, dtype, repeat
         # Timed calls rotate the same q/k in place again and again; fine for timing.
         for name, prepare in (("fused", fused), ("unfused", unfused)):
             run = lambda prepare=prepare: prepare(**inputs)  # noqa: E731
-            row[f"{name}_us"] = bench_us(run, on_gpu)
+            row[f"{name}_us"] = median_us(run, on_gpu)
             row[f"{name}_graph_us"] = graph_us(run, repeat, on_gpu)
         row["graph_speedup"] = row["unfused_graph_us"] / row["fused_graph_us"]
         row["ok"] = row["diff_unfused"] == 0.0

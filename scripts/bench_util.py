@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
+import time
 import traceback
 from collections.abc import Callable
 
@@ -38,3 +40,18 @@ def run_guarded(row: dict, measure: Callable[[dict], None],
         traceback.print_exc()
     print(format_row(row), flush=True)
     return row
+
+
+def median_us(fn: Callable, on_gpu: bool, rep_ms: int = 200) -> float:
+    """Median microseconds of eager calls: triton's do_bench on a GPU, three timed calls
+    after one warm-up on CPU."""
+    if on_gpu:
+        import triton.testing
+        return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(times)

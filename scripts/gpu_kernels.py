@@ -12,9 +12,7 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atom_rollout.kernels import AttentionMetadata, TorchOps  # noqa: E402
-from bench_util import gpu_or_smoke, json_safe, run_guarded  # noqa: E402
+from bench_util import gpu_or_smoke, json_safe, median_us, run_guarded  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -186,17 +184,7 @@ def cases_for(ops, m: Model, smoke: bool, dtype, device) -> list[Case]:
 
 def bench(fn: Callable, on_gpu: bool) -> float:
     """Median milliseconds."""
-    if on_gpu:
-        import triton.testing
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fn()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
+    return median_us(fn, on_gpu, rep_ms=100) / 1e3
 
 def run_case(case: Case, dtype, on_gpu: bool) -> dict:
     def measure(row: dict) -> None:

@@ -17,9 +17,7 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_util import gpu_or_smoke, json_safe, run_guarded  # noqa: E402
+from bench_util import gpu_or_smoke, json_safe, median_us, run_guarded  # noqa: E402
 
 if "--smoke" in sys.argv and not torch.cuda.is_available():
     # before atom_rollout's imports: transformers imports triton, which must already
@@ -66,20 +64,6 @@ def make_inputs(rows: int, vocab: int, mix: str, dtype: torch.dtype, device: tor
     return (logits, temp, min_p, uniforms, banned, need_raw), {"use_min_p": use_min_p}, st
 
 
-def bench(fn: Callable, on_gpu: bool) -> float:
-    """Median microseconds."""
-    if on_gpu:
-        import triton.testing
-        return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-    fn()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(times)
-
-
 def graph_time(fn: Callable, on_gpu: bool) -> float:
     """Median microseconds of replaying fn from a CUDA graph; nan when it can't be captured."""
     if not on_gpu:
@@ -89,7 +73,7 @@ def graph_time(fn: Callable, on_gpu: bool) -> float:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
-        return bench(graph.replay, on_gpu)
+        return median_us(graph.replay, on_gpu)
     except Exception as exc:  # the torch sampler builds a host tensor mid-capture
         print(f"  (no CUDA graph: {type(exc).__name__}: {str(exc)[:80]})", flush=True)
         torch.cuda.synchronize()
@@ -113,9 +97,9 @@ def run_case(fused, rows: int, vocab: int, mix: str, dtype, device, on_gpu: bool
         row["mismatches"], row["max_logprob_err"] = compare(fused, args, kwargs, st)
         run_fused = lambda: fused(*args, **kwargs)  # noqa: E731
         run_torch = lambda: sample(args[0], st)  # noqa: E731
-        row["fused_us"] = bench(run_fused, on_gpu)
+        row["fused_us"] = median_us(run_fused, on_gpu)
         row["fused_graph_us"] = graph_time(run_fused, on_gpu)
-        row["torch_us"] = bench(run_torch, on_gpu)
+        row["torch_us"] = median_us(run_torch, on_gpu)
         row["torch_graph_us"] = graph_time(run_torch, on_gpu)
         row["speedup"] = row["torch_us"] / row["fused_us"]
         logit_bytes = rows * vocab * torch.empty(0, dtype=dtype).element_size()
