@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atom_rollout.kernels import TorchOps, unfused_prepare_qkv  # noqa: E402
-from bench_util import gpu_or_smoke, json_safe, median_us, run_guarded  # noqa: E402
+from bench_util import graph_us, gpu_or_smoke, json_safe, median_us, run_guarded  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -80,32 +78,6 @@ def results(prepare: Callable, inputs: dict) -> list[torch.Tensor]:
 def max_diff(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
     return max((g.float() - e.float()).abs().max().item() if g.numel() else 0.0
                for g, e in zip(got, expected))
-
-
-def graph_us(fn: Callable, repeat: int, on_gpu: bool) -> float:
-    """Median microseconds per call of a CUDA graph holding `repeat` calls; nan off GPU."""
-    if not on_gpu:
-        return math.nan
-    fn()  # compile outside capture
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(repeat):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(20):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / repeat)
-    return statistics.median(times)
 
 
 def run_case(ops: dict, shape: Shape, num_tokens: int, norm: bool, dtype, repeat: int,

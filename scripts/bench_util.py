@@ -55,3 +55,29 @@ def median_us(fn: Callable, on_gpu: bool, rep_ms: int = 200) -> float:
         fn()
         times.append((time.perf_counter() - start) * 1e6)
     return statistics.median(times)
+
+
+def graph_us(fn: Callable, repeat: int, on_gpu: bool) -> float:
+    """Median microseconds per call of a CUDA graph holding `repeat` calls; nan off GPU."""
+    if not on_gpu:
+        return math.nan
+    fn()  # compile outside capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeat):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(20):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / repeat)
+    return statistics.median(times)

@@ -150,6 +150,7 @@ class TileConfig:
     block_m: int
     block_n: int
     num_warps: int
+    num_stages: int = 3
 
 
 def tile_config(max_query_len: int, group_pad: int) -> TileConfig:
@@ -176,8 +177,10 @@ def choose_num_splits(meta: AttentionMetadata, config: TileConfig, kv_heads: int
 
 
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float, num_splits: int = 1) -> torch.Tensor:
-    """Causal paged attention; ``num_splits`` > 1 splits every tile's key range."""
+                    meta: AttentionMetadata, scale: float, num_splits: int = 1,
+                    config: TileConfig | None = None) -> torch.Tensor:
+    """Causal paged attention; ``num_splits`` > 1 splits every tile's key range;
+    ``config`` overrides the tile shape chosen from the batch (for tuning)."""
     num_tokens, num_heads, head_dim = query.shape
     kv_heads = k_cache.shape[2]
     _check_shapes(query, k_cache, v_cache, meta)
@@ -188,7 +191,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         query = query.contiguous()
     group = num_heads // kv_heads
     group_pad = triton.next_power_of_2(group)
-    config = tile_config(meta.max_query_len, group_pad)
+    config = config or tile_config(meta.max_query_len, group_pad)
     split = num_splits > 1
     part_acc, part_m, part_l = _split_buffers(query, num_splits) if split else (out, out, out)
     grid = (num_tokens // config.block_q + meta.num_seqs, kv_heads, num_splits)
@@ -204,7 +207,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         BLOCK_Q=config.block_q, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         PAGE=k_cache.shape[1], SPLIT=split,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps)
+        num_warps=config.num_warps, num_stages=config.num_stages)
     if split:
         _merge_splits_kernel[(num_tokens, num_heads)](
             out, part_acc, part_m, part_l, num_heads, num_splits,
