@@ -1,17 +1,22 @@
-"""Linear layers for a handful of rows (decode at small batch), with the op that
-feeds them fused in front: y = prologue(x) @ W^T (+ bias).
+"""Linear layers for a handful of rows (decode at small batch), with the ops around
+them fused into the same launch: y = epilogue(prologue(x) @ W^T + bias).
 
-At batch 1-8 a projection only streams its weight once, so its cost is the weight
-bytes plus the launch; a separate RMSNorm or SiLU-and-mul launch before it costs
-about as much as the small projection itself. Prologues:
+At batch 1-16 a projection only streams its weight once, so its cost is the weight
+bytes plus the launch; a separate RMSNorm or SiLU-and-mul launch costs about as much
+as a small projection. Options:
 
-* ``norm``: RMSNorm of x (or of x + residual, whose sum is also stored) times the
-  norm weight, rounded exactly as ``rms_norm`` rounds before its projection;
-* ``silu``: silu(x[:, :K]) * x[:, K:], rounded as ``silu_and_mul`` rounds.
+* ``norm_weight``: RMSNorm of x (or of x + residual, whose sum is also returned)
+  times the norm weight, rounded exactly as ``rms_norm`` rounds, as the input;
+* ``silu_mul``: W stacks [gate; up]; the output is silu(x W_gate^T) * (x W_up^T),
+  rounded as the projection followed by ``silu_and_mul`` rounds;
+* ``pdl``: programmatic dependent launch (Hopper and newer): the kernel loads its
+  first weight tile, lets the next kernel launch, and only then waits for the
+  previous kernel's output, so weight streaming overlaps the previous kernel's tail.
+  Every read of another kernel's output and every write happen after the wait.
 
 A program owns BLOCK_N output columns for all rows (rows padded to 16 for
-``tl.dot``) and streams its BLOCK_N x K slice of the weight; the norm prologue
-re-reads the (tiny) input rows once per program to get their inverse RMS.
+``tl.dot``) and streams its slice of the weight one BLOCK_K tile ahead; the norm
+prologue re-reads the (tiny) input rows once per program to get their inverse RMS.
 """
 from __future__ import annotations
 
@@ -22,28 +27,26 @@ import triton
 import triton.language as tl
 
 MAX_ROWS = 16  # rows per launch; callers route larger batches to the GEMM path
-PLAIN, NORM, SILU = 0, 1, 2
 
 
 @dataclass(frozen=True)
 class SkinnyConfig:
     block_n: int = 32
-    block_k: int = 128
+    block_k: int = 256
     num_warps: int = 4
-    num_stages: int = 4
+    num_stages: int = 3
+
+
+def default_config(n_out: int) -> SkinnyConfig:
+    """Enough programs to cover the SMs, wide tiles when there are plenty."""
+    block_n = 64 if n_out >= 64 * 264 else 32 if n_out >= 32 * 132 else 16
+    return SkinnyConfig(block_n=block_n)
 
 
 @triton.jit
-def _input_tile(x_ptr, res_ptr, rows, cols, mask, stride_x, stride_r, K,
-                PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr):
-    """The rows' input at cols in the input dtype (before any norm scaling)."""
-    offs = rows[:, None] * stride_x + cols[None, :]
-    if PROLOGUE == 2:
-        gate = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(x_ptr + offs + K, mask=mask, other=0.0).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty)
-        return (act.to(tl.float32) * up).to(x_ptr.dtype.element_ty)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+def _input_tile(x_ptr, res_ptr, rows, cols, mask, stride_x, stride_r, HAS_RES: tl.constexpr):
+    """The rows' input (x, or x + residual rounded to x's dtype) at cols."""
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
     if HAS_RES:
         res = tl.load(res_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
         x = (x.to(tl.float32) + res.to(tl.float32)).to(x_ptr.dtype.element_ty)
@@ -58,7 +61,7 @@ def _inverse_rms(x_ptr, res_ptr, sum_ptr, rows, row_mask, stride_x, stride_r, st
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = row_mask[:, None] & (cols < K)[None, :]
-        x = _input_tile(x_ptr, res_ptr, rows, cols, mask, stride_x, stride_r, K, 1, HAS_RES)
+        x = _input_tile(x_ptr, res_ptr, rows, cols, mask, stride_x, stride_r, HAS_RES)
         if HAS_RES:
             tl.store(sum_ptr + rows[:, None] * stride_s + cols[None, :], x,
                      mask=mask & (rows < sum_rows)[:, None])
@@ -68,67 +71,109 @@ def _inverse_rms(x_ptr, res_ptr, sum_ptr, rows, row_mask, stride_x, stride_r, st
 
 
 @triton.jit
+def _silu_mul(gate, up, dtype: tl.constexpr):
+    """silu_and_mul of the rounded projection outputs, with its roundings."""
+    g = gate.to(dtype).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dtype)
+    return act.to(tl.float32) * up.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _skinny_linear_kernel(
     y_ptr, sum_ptr, x_ptr, res_ptr, norm_w_ptr, w_ptr, b_ptr,
-    M, N, K, eps, stride_x, stride_r, stride_s, stride_w, stride_y,
-    PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    M, N_OUT, K, eps, stride_x, stride_r, stride_s, stride_w, stride_y,
+    NORM: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SILU_MUL: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = tl.arange(0, 16)
     row_mask = rows < M
     n_idx = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = n_idx < N
-    if PROLOGUE == 1:
+    n_mask = n_idx < N_OUT
+    gate_rows = w_ptr + n_idx.to(tl.int64)[:, None] * stride_w
+    up_rows = gate_rows + N_OUT * stride_w
+    cols = tl.arange(0, BLOCK_K)
+    w_mask = n_mask[:, None] & (cols < K)[None, :]
+    w_gate = tl.load(gate_rows + cols[None, :], mask=w_mask, other=0.0)
+    w_up = w_gate
+    if SILU_MUL:
+        w_up = tl.load(up_rows + cols[None, :], mask=w_mask, other=0.0)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    if NORM:
         inv_rms = _inverse_rms(x_ptr, res_ptr, sum_ptr, rows, row_mask, stride_x, stride_r,
                                stride_s, K, eps, tl.where(pid == 0, M, 0), HAS_RES, BLOCK_K)
-    acc = tl.zeros([16, BLOCK_N], tl.float32)
-    w_rows = w_ptr + n_idx.to(tl.int64)[:, None] * stride_w
+    acc_gate = tl.zeros([16, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([16, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
         k_mask = cols < K
-        w = tl.load(w_rows + cols[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         x = _input_tile(x_ptr, res_ptr, rows, cols, row_mask[:, None] & k_mask[None, :],
-                        stride_x, stride_r, K, PROLOGUE, HAS_RES)
-        if PROLOGUE == 1:
+                        stride_x, stride_r, HAS_RES)
+        if NORM:
             normed = (x.to(tl.float32) * inv_rms[:, None]).to(x_ptr.dtype.element_ty)
             g = tl.load(norm_w_ptr + cols, mask=k_mask, other=0.0)
             x = (g.to(tl.float32)[None, :] * normed.to(tl.float32)).to(x_ptr.dtype.element_ty)
-        acc += tl.dot(x.to(w.dtype), tl.trans(w), input_precision="ieee")
+        x = x.to(w_gate.dtype)
+        acc_gate += tl.dot(x, tl.trans(w_gate), input_precision="ieee")
+        if SILU_MUL:
+            acc_up += tl.dot(x, tl.trans(w_up), input_precision="ieee")
+        cols += BLOCK_K
+        w_mask = n_mask[:, None] & (cols < K)[None, :]
+        w_gate = tl.load(gate_rows + cols[None, :], mask=w_mask, other=0.0)
+        if SILU_MUL:
+            w_up = tl.load(up_rows + cols[None, :], mask=w_mask, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + n_idx, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        acc_gate += tl.load(b_ptr + n_idx, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if SILU_MUL:
+            acc_up += tl.load(b_ptr + N_OUT + n_idx, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out = acc_gate
+    if SILU_MUL:
+        out = _silu_mul(acc_gate, acc_up, y_ptr.dtype.element_ty)
     tl.store(y_ptr + rows[:, None] * stride_y + n_idx[None, :],
-             acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+             out.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  *, prologue: int = PLAIN, residual: torch.Tensor | None = None,
-                  norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-                  config: SkinnyConfig = SkinnyConfig()):
-    """prologue(x) @ weight.T + bias for x [M <= 16, K_in]. With prologue NORM and a
-    residual, returns (y, x + residual); otherwise y."""
-    rows, k_in = x.shape
-    n, k = weight.shape
-    expected_k = 2 * k if prologue == SILU else k
-    if rows > MAX_ROWS or k_in != expected_k:
-        raise ValueError(f"skinny_linear: x {tuple(x.shape)} does not fit weight "
-                         f"{tuple(weight.shape)} (at most {MAX_ROWS} rows)")
-    if prologue == NORM and (norm_weight is None or norm_weight.shape != (k,)):
-        raise ValueError(f"skinny_linear: norm prologue needs norm_weight of shape ({k},)")
+                  *, norm_weight: torch.Tensor | None = None,
+                  residual: torch.Tensor | None = None, eps: float = 0.0,
+                  silu_mul: bool = False, pdl: bool = False,
+                  config: SkinnyConfig | None = None):
+    """epilogue(prologue(x) @ weight.T + bias) for x [M <= 16, K]; see the module
+    docstring. With a residual (norm only) returns (y, x + residual), else y."""
+    _check(x, weight, norm_weight, residual, silu_mul)
+    rows, k = x.shape
+    n_out = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     x = x if x.stride(-1) == 1 else x.contiguous()
-    y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    residual = residual if residual is None or residual.stride(-1) == 1 else residual.contiguous()
+    y = torch.empty((rows, n_out), dtype=x.dtype, device=x.device)
     total = torch.empty_like(x) if residual is not None else None
     if rows:
-        cfg = config
-        _skinny_linear_kernel[(triton.cdiv(n, cfg.block_n),)](
+        cfg = config or default_config(n_out)
+        _skinny_linear_kernel[(triton.cdiv(n_out, cfg.block_n),)](
             y, total if total is not None else y, x,
             residual if residual is not None else x,
             norm_weight if norm_weight is not None else weight, weight,
             bias if bias is not None else weight,
-            rows, n, k, eps, x.stride(0),
+            rows, n_out, k, eps, x.stride(0),
             residual.stride(0) if residual is not None else 0,
             total.stride(0) if total is not None else 0, weight.stride(0), y.stride(0),
-            PROLOGUE=prologue, HAS_RES=residual is not None, HAS_BIAS=bias is not None,
+            NORM=norm_weight is not None, HAS_RES=residual is not None,
+            HAS_BIAS=bias is not None, SILU_MUL=silu_mul, PDL=pdl,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl)
     return y if residual is None else (y, total)
+
+
+def _check(x, weight, norm_weight, residual, silu_mul) -> None:
+    rows, k = x.shape
+    if rows > MAX_ROWS or weight.shape[1] != k or (silu_mul and weight.shape[0] % 2):
+        raise ValueError(f"skinny_linear: x {tuple(x.shape)} does not fit weight "
+                         f"{tuple(weight.shape)} (at most {MAX_ROWS} rows; silu_mul needs "
+                         f"an even number of weight rows)")
+    if norm_weight is not None and norm_weight.shape != (k,):
+        raise ValueError(f"skinny_linear: norm_weight shape {tuple(norm_weight.shape)} "
+                         f"!= ({k},)")
+    if residual is not None and (norm_weight is None or residual.shape != x.shape):
+        raise ValueError(f"skinny_linear: residual {tuple(residual.shape)} needs a norm "
+                         f"and x's shape {tuple(x.shape)}")
