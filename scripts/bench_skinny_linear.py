@@ -66,15 +66,21 @@ def ref_chain(ops, layers, shape: Shape, x, residual):
     return x, residual
 
 
-def skinny_chain(sl, layers, shape: Shape, x, residual, pdl: bool):
+def skinny_chain(sl, layers, shape: Shape, x, residual, pdl: int = 0, config=None):
     for layer in layers:
         qkv, residual = sl.skinny_linear(x, layer["qkv"], norm_weight=layer["norm1"],
-                                         residual=residual, eps=1e-6, pdl=pdl)
-        x = sl.skinny_linear(qkv[:, :shape.q_size], layer["o"], pdl=pdl)
+                                         residual=residual, eps=1e-6, pdl=pdl, config=config)
+        x = sl.skinny_linear(qkv[:, :shape.q_size], layer["o"], pdl=pdl, config=config)
         act, residual = sl.skinny_linear(x, layer["gate_up"], norm_weight=layer["norm2"],
-                                         residual=residual, eps=1e-6, silu_mul=True, pdl=pdl)
-        x = sl.skinny_linear(act, layer["down"], pdl=pdl)
+                                         residual=residual, eps=1e-6, silu_mul=True, pdl=pdl,
+                                         config=config)
+        x = sl.skinny_linear(act, layer["down"], pdl=pdl, config=config)
     return x, residual
+
+
+CONFIGS = {"16x256s4": (16, 256, 4, 4), "32x128s4": (32, 128, 4, 4),
+           "64x256s3": (64, 256, 4, 3), "32x256w8": (32, 256, 8, 3)}
+NAMES = ("ref", "skinny", "pdl_early", "pdl_late", *CONFIGS)
 
 
 def run_case(shape: Shape, layers, rows: int, on_gpu: bool, device) -> dict:
@@ -84,9 +90,14 @@ def run_case(shape: Shape, layers, rows: int, on_gpu: bool, device) -> dict:
     x = torch.randn(rows, shape.hidden, device=device).to(dtype)
     residual = torch.randn(rows, shape.hidden, device=device).to(dtype)
     variants = {"ref": lambda: ref_chain(ops, layers, shape, x, residual),
-                "skinny": lambda: skinny_chain(sl, layers, shape, x, residual, False)}
+                "skinny": lambda: skinny_chain(sl, layers, shape, x, residual)}
     if on_gpu and torch.cuda.get_device_capability()[0] >= 9:
-        variants["skinny_pdl"] = lambda: skinny_chain(sl, layers, shape, x, residual, True)
+        variants["pdl_early"] = lambda: skinny_chain(sl, layers, shape, x, residual, 1)
+        variants["pdl_late"] = lambda: skinny_chain(sl, layers, shape, x, residual, 2)
+    if on_gpu:
+        for name, cfg in CONFIGS.items():
+            variants[name] = lambda c=sl.SkinnyConfig(*cfg): skinny_chain(
+                sl, layers, shape, x, residual, config=c)
 
     def measure(row: dict) -> None:
         expected = torch.cat(variants["ref"](), dim=-1).float()
@@ -103,10 +114,9 @@ def _format_row(row: dict) -> str:
     head = f"{row['model']:>5} {row['rows']:>4}"
     if "error" in row:
         return f"{head} ERROR {row['error'][:90]}"
-    cells = [f"{row.get(f'{n}_us_per_layer', float('nan')):10.2f}"
-             for n in ("ref", "skinny", "skinny_pdl")]
-    diffs = [f"{row.get(f'{n}_rel_diff', float('nan')):9.1e}" for n in ("skinny", "skinny_pdl")]
-    return f"{head} {' '.join(cells)} {' '.join(diffs)}"
+    cells = [f"{row.get(f'{n}_us_per_layer', float('nan')):9.2f}" for n in NAMES]
+    diff = max(v for k, v in row.items() if k.endswith("_rel_diff"))
+    return f"{head} {' '.join(cells)} {diff:9.1e}"
 
 
 def main() -> int:
@@ -126,8 +136,7 @@ def main() -> int:
     name = torch.cuda.get_device_name() if on_gpu else "cpu (triton interpreter)"
     print(f"\n# decode projections per layer on {name}, {dtype}: us per layer in one CUDA "
           "graph of all layers; max |diff| / max |ref|")
-    print(f"{'model':>5} {'rows':>4} {'ref':>10} {'skinny':>10} {'skinny_pdl':>10} "
-          f"{'d_skinny':>9} {'d_pdl':>9}")
+    print(f"{'model':>5} {'rows':>4} " + " ".join(f"{n:>9}" for n in NAMES) + " max_diff")
     for row in rows:
         print(_format_row(row))
     out = Path(args.out) / "skinny_linear.json"
