@@ -83,6 +83,44 @@ CONFIGS = {"16x256s4": (16, 256, 4, 4), "32x128s4": (32, 128, 4, 4),
 NAMES = ("ref", "skinny", "pdl_early", "pdl_late", *CONFIGS)
 
 
+def projection_ops(ops, sl, shape: Shape, x, residual, act):
+    """Per projection kind: (ref, skinny(config)) callables of one layer."""
+    q_in = torch.zeros(x.shape[0], shape.q_size, device=x.device, dtype=x.dtype)
+    return {
+        "qkv": (lambda l: F.linear(ops.rms_norm(x, l["norm1"], 1e-6, residual)[0], l["qkv"]),
+                lambda l, c: sl.skinny_linear(x, l["qkv"], norm_weight=l["norm1"],
+                                              residual=residual, eps=1e-6, config=c)),
+        "o": (lambda l: F.linear(q_in, l["o"]),
+              lambda l, c: sl.skinny_linear(q_in, l["o"], config=c)),
+        "gate_up": (lambda l: ops.silu_and_mul(F.linear(
+                        ops.rms_norm(x, l["norm2"], 1e-6, residual)[0], l["gate_up"])),
+                    lambda l, c: sl.skinny_linear(x, l["gate_up"], norm_weight=l["norm2"],
+                                                  residual=residual, eps=1e-6, silu_mul=True,
+                                                  config=c)),
+        "down": (lambda l: F.linear(act, l["down"]),
+                 lambda l, c: sl.skinny_linear(act, l["down"], config=c))}
+
+
+def run_projections(shape: Shape, layers, rows: int, device) -> list[dict]:
+    """Each projection kind alone, over all layers' weights: us per layer."""
+    from atom_rollout.kernels.triton import TritonOps, skinny_linear as sl
+    dtype = layers[0]["o"].dtype
+    x = torch.randn(rows, shape.hidden, device=device).to(dtype)
+    act = torch.randn(rows, shape.intermediate, device=device).to(dtype)
+    table = []
+    for kind, (ref, skinny) in projection_ops(TritonOps(), sl, shape, x, x.clone(),
+                                              act).items():
+        row = {"model": shape.name, "rows": rows, "kind": kind,
+               "ref": graph_us(lambda: [ref(l) for l in layers], 1, True) / shape.layers}
+        for name, cfg in {"default": None, **CONFIGS}.items():
+            c = sl.SkinnyConfig(*cfg) if cfg else None
+            row[name] = graph_us(lambda: [skinny(l, c) for l in layers], 1, True) / shape.layers
+        print(" ".join(f"{v:>9.2f}" if isinstance(v, float) else f"{v:>9}" for v in row.values()),
+              flush=True)
+        table.append(row)
+    return table
+
+
 def run_case(shape: Shape, layers, rows: int, on_gpu: bool, device) -> dict:
     from atom_rollout.kernels.triton import TritonOps, skinny_linear as sl
     ops = TritonOps()
@@ -128,10 +166,13 @@ def main() -> int:
     device = torch.device("cuda" if on_gpu else "cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float16  # the interpreter's bf16 dot is wrong
     torch.manual_seed(0)
-    rows = []
+    rows, projections = [], []
     for shape in SMOKE_SHAPES if args.smoke else SHAPES:
         layers = make_layers(shape, dtype, device)
         rows += [run_case(shape, layers, m, on_gpu, device) for m in ROWS]
+        if on_gpu:
+            print("model rows kind ref default " + " ".join(CONFIGS))
+            projections += [r for m in (1, 8) for r in run_projections(shape, layers, m, device)]
         del layers
     name = torch.cuda.get_device_name() if on_gpu else "cpu (triton interpreter)"
     print(f"\n# decode projections per layer on {name}, {dtype}: us per layer in one CUDA "
@@ -141,7 +182,8 @@ def main() -> int:
         print(_format_row(row))
     out = Path(args.out) / "skinny_linear.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": name, "rows": json_safe(rows)}, indent=1))
+    out.write_text(json.dumps({"device": name, "rows": json_safe(rows),
+                                           "projections": projections}, indent=1))
     return 0 if all(row.get("ok") for row in rows) else 1
 
 

@@ -14,9 +14,9 @@ as a small projection. Options:
   previous kernel's output, so weight streaming overlaps the previous kernel's tail.
   Every read of another kernel's output and every write happen after the wait.
 
-A program owns BLOCK_N output columns for all rows (rows padded to 16 for
-``tl.dot``) and streams its slice of the weight one BLOCK_K tile ahead; the norm
-prologue re-reads the (tiny) input rows once per program to get their inverse RMS.
+A program owns BLOCK_N output columns for all rows (one row: multiply and sum;
+more: rows padded to 16 for ``tl.dot``) and streams its slice of the weight; the
+norm's 1/RMS is summed along the way and applied to the accumulator at the end.
 """
 from __future__ import annotations
 
@@ -61,14 +61,23 @@ def _silu_mul(gate, up, dtype: tl.constexpr):
 
 
 @triton.jit
+def _multiply_add(acc, x, w, ROWS: tl.constexpr):
+    """acc + x @ w.T; one row is a broadcast multiply and sum (no MMA padding)."""
+    if ROWS == 1:
+        return acc + tl.sum(x.to(tl.float32) * w.to(tl.float32), 1)[None, :]
+    return acc + tl.dot(x, tl.trans(w), input_precision="ieee")
+
+
+@triton.jit
 def _skinny_linear_kernel(
     y_ptr, sum_ptr, x_ptr, res_ptr, norm_w_ptr, w_ptr, b_ptr,
     M, N_OUT, K, eps, stride_x, stride_r, stride_s, stride_w, stride_y,
     NORM: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SILU_MUL: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SILU_MUL: tl.constexpr, PDL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = tl.arange(0, 16)
+    rows = tl.arange(0, ROWS)
     row_mask = rows < M
     n_idx = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n_idx < N_OUT
@@ -77,9 +86,9 @@ def _skinny_linear_kernel(
         tl.extra.cuda.gdc_launch_dependents()
     if PDL > 0:
         tl.extra.cuda.gdc_wait()
-    acc_gate = tl.zeros([16, BLOCK_N], tl.float32)
-    acc_up = tl.zeros([16, BLOCK_N], tl.float32)
-    squares = tl.zeros([16, BLOCK_K], tl.float32)
+    acc_gate = tl.zeros([ROWS, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([ROWS, BLOCK_N], tl.float32)
+    squares = tl.zeros([ROWS, BLOCK_K], tl.float32)
     sum_rows = tl.where(pid == 0, M, 0)  # the first program stores x + residual
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
@@ -99,10 +108,10 @@ def _skinny_linear_kernel(
         w_mask = n_mask[:, None] & k_mask[None, :]
         w = tl.load(gate_rows + cols[None, :], mask=w_mask, other=0.0)
         x = x.to(w.dtype)
-        acc_gate += tl.dot(x, tl.trans(w), input_precision="ieee")
+        acc_gate = _multiply_add(acc_gate, x, w, ROWS)
         if SILU_MUL:
             w_up = tl.load(gate_rows + N_OUT * stride_w + cols[None, :], mask=w_mask, other=0.0)
-            acc_up += tl.dot(x, tl.trans(w_up), input_precision="ieee")
+            acc_up = _multiply_add(acc_up, x, w_up, ROWS)
     if PDL == 2:
         tl.extra.cuda.gdc_launch_dependents()
     if NORM:
@@ -145,7 +154,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             residual.stride(0) if residual is not None else 0,
             total.stride(0) if total is not None else 0, weight.stride(0), y.stride(0),
             NORM=norm_weight is not None, HAS_RES=residual is not None,
-            HAS_BIAS=bias is not None, SILU_MUL=silu_mul, PDL=pdl,
+            HAS_BIAS=bias is not None, SILU_MUL=silu_mul, PDL=pdl, ROWS=1 if rows == 1 else 16,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl > 0)
     return y if residual is None else (y, total)
