@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--model", default="qwen3-0.6b")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--k", type=int, default=0, help="speculative tokens per step")
     args = parser.parse_args()
@@ -35,7 +36,7 @@ def main() -> None:
     else:
         engine = RolloutEngine(config_dir(args.model), load_format="dummy",
                                max_model_len=4096, show_progress=False)
-    prompts = [[5 + i] * 128 for i in range(args.batch)]
+    prompts = [[5 + i] * args.prompt_len for i in range(args.batch)]
     params = SamplingParams(temperature=args.temperature, max_tokens=args.tokens,
                             ignore_eos=True)
     engine.generate_batch(prompts, params)
