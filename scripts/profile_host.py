@@ -45,7 +45,7 @@ class StubModel:
     def __call__(self, ops, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         return torch.zeros(input_ids.shape[0], 1)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, as_float32: bool = True) -> torch.Tensor:
         return self.logits[:hidden.shape[0]]
 
 

@@ -33,6 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workload", default="nano-vllm", choices=["nano-vllm", "grpo"])
     parser.add_argument("--smoke", action="store_true", help="tiny model, small workload, CPU")
     parser.add_argument("--sync", action="store_true", help="no async scheduling")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also run the workload once more under torch.profiler and "
+                             "print GPU time by kernel family against the wall time")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."),
                                                        "profile_workload.json"))
     return parser.parse_args(argv)
@@ -152,6 +155,37 @@ def main(argv=None) -> None:
         print(f"{r['kind']:<16}{r['steps']:>7}{r['tokens']:>9}{r['wall_s']:>9.3f}"
               f"{r['gpu_span_s']:>8.3f}{r['host_not_overlapped_s']:>8.3f}{r['kv_GB']:>9.1f}"
               f"{r['kv_GBps_over_span']:>9.0f}")
+    if args.kernels and engine.core.device.type == "cuda":
+        report["kernels"] = kernel_families(engine, work)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+FAMILIES = (("attention", ("paged_attention", "merge_splits")),
+            ("gemm", ("nvjet", "gemm", "cutlass", "cublas", "splitK")),
+            ("sampler", ("chunk_stats", "kept_sum", "pick_kernel")),
+            ("norm", ("rms_norm",)), ("prepare_qkv", ("prepare_qkv",)),
+            ("silu", ("silu_and_mul",)), ("memcpy", ("Memcpy", "Memset")))
+
+
+def kernel_families(engine: RolloutEngine, work) -> dict:
+    """GPU time by kernel family over one more warm run, against its wall time."""
+    from torch.profiler import ProfilerActivity, profile
+    engine.reset_prefix_cache()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        engine.generate_batch(work.prompts, work.params)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    by_family: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        family = next((f for f, keys in FAMILIES if any(k in event.key for k in keys)), "other")
+        by_family[family] += event.self_device_time_total / 1e6
+    busy = sum(by_family.values())
+    print(f"kernels over one profiled run: wall {wall:.2f} s, GPU busy {busy:.2f} s")
+    for family, seconds in sorted(by_family.items(), key=lambda kv: -kv[1]):
+        print(f"  {family:<12}{seconds:8.3f} s")
+    return {"wall_s": wall, "busy_s": busy, "by_family_s": dict(by_family)}
 
 
 def _device_name(engine: RolloutEngine) -> str:

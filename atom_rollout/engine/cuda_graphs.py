@@ -63,7 +63,7 @@ class DecodeGraphs:
                                  max_query_len=query_len, max_context_len=self.max_context_len)
         hidden = self.model(self.ops, self.input_ids[:tokens], self.positions[:tokens],
                             self.kv_caches, meta)
-        logits = self.model.compute_logits(hidden) if query_len == 1 else None
+        logits = self.model.compute_logits(hidden, as_float32=False) if query_len == 1 else None
         return (hidden if self.keep_hidden else None), logits
 
     @torch.inference_mode()

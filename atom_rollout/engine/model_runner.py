@@ -168,7 +168,7 @@ class ModelRunner:
             return hidden, None
         if logits is None:  # verify-shaped: only prompt chunks that just ended sample
             rows = self._upload(torch.tensor(inputs.sample_rows))
-            return hidden, self.model.compute_logits(hidden[rows])
+            return hidden, self.model.compute_logits(hidden[rows], as_float32=False)
         if len(inputs.sample_rows) < logits.shape[0]:  # a 1-token prompt chunk does not
             logits = logits[self._upload(torch.tensor(inputs.sample_rows))]
         return hidden, logits
@@ -183,7 +183,8 @@ class ModelRunner:
         self._score(hidden, inputs.score_rows)
         if not inputs.sample_seqs:
             return hidden, None
-        return hidden, self.model.compute_logits(hidden[up(torch.tensor(inputs.sample_rows))])
+        return hidden, self.model.compute_logits(hidden[up(torch.tensor(inputs.sample_rows))],
+                                                 as_float32=False)
 
     # Sampling tensors built (and uploaded) by _prepare, for the _sample of the same step.
     _staged_sampling: tuple[list[Sequence], SamplingTensors] | None = None

@@ -160,5 +160,8 @@ class DecoderForCausalLM(nn.Module):
         x, _ = self.model.norm(ops, x, residual)
         return x
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, as_float32: bool = True) -> torch.Tensor:
+        """LM-head logits, in float32 or (as_float32=False) in the model dtype: the
+        samplers upcast exactly on load, so a step need not write a float32 copy."""
+        logits = self.lm_head(hidden)
+        return logits.float() if as_float32 else logits
