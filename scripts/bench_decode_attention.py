@@ -1,13 +1,15 @@
 """Decode attention tile sweep: the Triton paged attention kernel at decode shape
 (one query per sequence, Qwen3-0.6B heads: 16 q / 8 kv, head_dim 128, bf16,
 block_size 16, pages scattered over the cache), context lengths uniform in
-[100, 2048] like the middle of the nano-vllm workload.
+[100, 2048] (the middle of the nano-vllm workload) or in [1024, 2048] (its tail,
+where the long sequences remain).
 
-    python scripts/bench_decode_attention.py [--batches 256,64,16]
+    python scripts/bench_decode_attention.py [--batches 256,64,16] [--full]
 
-Per batch: the engine's default choice, then every (block_n, warps, stages, splits)
-with its time per call in a CUDA graph and KV bytes read per second. Writes
-$OUT/decode_attention.json (or --out).
+Per batch and length range: the engine's default choice (its number of splits as
+chosen for a graph with max_context_len 4096), then every (block_n, warps, stages,
+splits) (--full) or every (block_n, splits), with time per call in a CUDA graph and
+KV bytes read per second. Writes $OUT/decode_attention.json (or --out).
 """
 from __future__ import annotations
 
@@ -27,9 +29,9 @@ from bench_util import graph_us, json_safe  # noqa: E402
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 16, 8, 128, 16
 
 
-def decode_inputs(batch: int, device) -> tuple:
+def decode_inputs(batch: int, shortest: int, device) -> tuple:
     from atom_rollout.kernels import AttentionMetadata
-    ctx = torch.randint(100, 2049, (batch,))
+    ctx = torch.randint(shortest, 2049, (batch,))
     pages = (ctx + PAGE - 1) // PAGE
     total = int(pages.sum())
     order = torch.randperm(total)
@@ -45,23 +47,27 @@ def decode_inputs(batch: int, device) -> tuple:
         slot_mapping=torch.zeros(batch, dtype=torch.int64, device=device),
         query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device=device),
         context_lens=ctx.to(torch.int32).to(device), block_tables=tables.to(device),
-        max_query_len=1, max_context_len=2048)
+        max_query_len=1, max_context_len=4096)
     query = torch.randn(batch, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
     kv_bytes = int(ctx.sum()) * KV_HEADS * HEAD_DIM * 2 * 2
     return query, k_cache, v_cache, meta, kv_bytes
 
 
-def sweep(batch: int, device) -> list[dict]:
+def sweep(batch: int, shortest: int, full: bool, device) -> list[dict]:
     from atom_rollout.kernels.triton import TritonOps, attention as attn
     ops = TritonOps()
-    query, k_cache, v_cache, meta, kv_bytes = decode_inputs(batch, device)
+    query, k_cache, v_cache, meta, kv_bytes = decode_inputs(batch, shortest, device)
     scale = HEAD_DIM ** -0.5
     expected = ops.attention(query, k_cache, v_cache, meta, scale).float()
     default_us = graph_us(lambda: ops.attention(query, k_cache, v_cache, meta, scale), 20, True)
-    rows = [{"batch": batch, "config": "default", "us": default_us,
+    chosen = attn.choose_num_splits(meta, attn.tile_config(1, 2), KV_HEADS,
+                                    ops._programs_to_fill(device))
+    case = {"batch": batch, "lengths": f"{shortest}-2048"}
+    rows = [{**case, "config": f"default/{chosen}", "us": default_us,
              "GBps": kv_bytes / default_us / 1e3, "diff": 0.0}]
-    for block_n, warps, stages, splits in itertools.product((32, 64, 128), (2, 4, 8),
-                                                            (2, 3, 4), (1, 2, 4)):
+    grid = (itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4), (1, 2, 4)) if full else
+            itertools.product((64, 128), (4,), (3,), (1, 2, 4, 8, 16)))
+    for block_n, warps, stages, splits in grid:
         config = attn.TileConfig(1, 16, block_n, warps, stages)
         run = lambda c=config, s=splits: attn.paged_attention(  # noqa: E731
             query, k_cache, v_cache, meta, scale, s, c)
@@ -69,17 +75,18 @@ def sweep(batch: int, device) -> list[dict]:
             diff = (run().float() - expected).abs().max().item()
             us = graph_us(run, 20, True)
         except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
-            rows.append({"batch": batch, "config": f"{block_n}/{warps}/{stages}/{splits}",
+            rows.append({**case, "config": f"{block_n}/{warps}/{stages}/{splits}",
                          "error": str(exc)[:120]})
             continue
-        rows.append({"batch": batch, "config": f"{block_n}/{warps}/{stages}/{splits}",
+        rows.append({**case, "config": f"{block_n}/{warps}/{stages}/{splits}",
                      "us": us, "GBps": kv_bytes / us / 1e3, "diff": diff})
     return rows
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", default="256,64,16")
+    parser.add_argument("--batches", default="256,128,64,32,16")
+    parser.add_argument("--full", action="store_true", help="sweep warps and stages too")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -89,13 +96,15 @@ def main() -> int:
     results = []
     print(f"# decode attention on {torch.cuda.get_device_name()} "
           "(block_n/warps/stages/splits; us per call in a graph; KV GB/s)")
-    for batch in (int(b) for b in args.batches.split(",")):
-        rows = sweep(batch, device)
+    for batch, shortest in itertools.product((int(b) for b in args.batches.split(",")),
+                                             (100, 1024)):
+        rows = sweep(batch, shortest, args.full, device)
         results += rows
         ok = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
         default = rows[0]
-        print(f"batch {batch}: default {default['us']:.1f} us {default['GBps']:.0f} GB/s; best:")
-        for r in ok[:6]:
+        print(f"batch {batch}, lengths {shortest}-2048: {default['config']} {default['us']:.1f} "
+              f"us {default['GBps']:.0f} GB/s; best:")
+        for r in ok[:4]:
             print(f"  {r['config']:<14} {r['us']:8.1f} us {r['GBps']:6.0f} GB/s "
                   f"diff {r['diff']:.1e}")
     out = Path(args.out) / "decode_attention.json"
