@@ -11,6 +11,7 @@ from tqdm import tqdm
 from ..sampler import SamplingParams
 from .config import EngineConfig
 from .core import EngineCore
+from .gc_pause import cyclic_gc_paused
 from .outputs import RolloutOutput, SampleOutput
 from .prompt_check import check_length, check_token_ids
 from .sequence import Sequence
@@ -138,12 +139,13 @@ class RolloutEngine:
                    leave=False)
         pending = {id(s) for s in seqs}
         try:
-            while pending:
-                with self._lock:
-                    finished = self.core.step()
-                done = [id(s) for s in finished if id(s) in pending]
-                pending.difference_update(done)
-                bar.update(len(done))
+            with cyclic_gc_paused():
+                while pending:
+                    with self._lock:
+                        finished = self.core.step()
+                    done = [id(s) for s in finished if id(s) in pending]
+                    pending.difference_update(done)
+                    bar.update(len(done))
         finally:
             bar.close()
             with self._lock:
