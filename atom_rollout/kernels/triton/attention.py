@@ -5,8 +5,7 @@ one sequence times the GROUP query heads that share one kv head, so K/V is read
 once per tile for the whole GQA group. Programs find their sequence by binary
 search over ``query_start_loc`` (grid size comes from host ints only, so the
 launch is CUDA-graph capturable). For decode-shaped batches the key range is
-split over several programs (flash-decoding) in chunks of one size per batch, taken
-from its longest context, and a second kernel merges them.
+split over several programs (flash-decoding) and a second kernel merges them.
 """
 from __future__ import annotations
 
@@ -38,16 +37,6 @@ def _find_seq(query_start_loc, q_block_id, num_seqs, BLOCK_Q: tl.constexpr):
         else:
             hi = mid
     return lo - 1
-
-
-@triton.jit
-def _longest_context(context_lens, num_seqs):
-    longest = tl.full([], 0, tl.int32)
-    for start in range(0, num_seqs, 1024):
-        offs = start + tl.arange(0, 1024)
-        lens = tl.load(context_lens + offs, mask=offs < num_seqs, other=0)
-        longest = tl.maximum(longest, tl.max(lens, 0))
-    return longest
 
 
 @triton.jit
@@ -90,12 +79,7 @@ def _paged_attention_kernel(
     kv_hi = ctx_len - q_len + last_q + 1
     kv_lo = 0
     if SPLIT:
-        # One chunk size for the whole batch, from its longest context: shorter
-        # sequences use fewer splits, so programs carry equal work whatever the mix
-        # of lengths (a chunk per sequence of len / num_splits leaves the longest
-        # sequences' programs as the tail).
-        longest = _longest_context(context_lens, num_seqs)
-        chunk = tl.cdiv(tl.cdiv(longest, num_splits), BLOCK_N) * BLOCK_N
+        chunk = tl.cdiv(tl.cdiv(kv_hi, num_splits), BLOCK_N) * BLOCK_N
         kv_lo = split * chunk
         kv_hi = tl.minimum(kv_lo + chunk, kv_hi)
 
