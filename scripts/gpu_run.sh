@@ -25,10 +25,11 @@ if [[ $what == all || $what == bench8b ]]; then
   python -m atom_rollout.bench --model qwen3-8b --suite latency --no-hf \
     --json $OUT/bench_8b.json 2>&1 | tail -3
 fi
-if [[ $what == profile ]]; then  # where a step's time goes (synchronous steps)
-  python scripts/profile_workload.py --sync --workload nano-vllm \
-    --json $OUT/profile_nano_sync.json 2>&1 | tail -8
-  python scripts/profile_decode.py --batch 256 2>&1 | tail -16
+if [[ $what == profile ]]; then  # where the time goes: by step kind, kernel family, tiles
+  python scripts/profile_workload.py --kernels --workload nano-vllm \
+    --json $OUT/profile_nano_async.json 2>&1 | grep -v Warn | tail -16
+  python scripts/bench_decode_attention.py --out $OUT 2>&1 | grep -v "^  "
+  python scripts/profile_decode.py --batch 1 2>&1 | tail -22
 fi
 if [[ $what == spec ]]; then
   python scripts/bench_speculative.py ${SMOL:?set SMOL} --k 3 --batches 1,16,64 \
