@@ -35,9 +35,11 @@ def main() -> None:
     parser.add_argument("--workload", default="nano-vllm", choices=["nano-vllm", "grpo"])
     parser.add_argument("--smoke", action="store_true", help="tiny model and workload, CPU")
     args = parser.parse_args()
+    start = time.perf_counter()
     engine = RolloutEngine(config_dir("tiny" if args.smoke else args.model),
                            load_format="dummy", show_progress=False, max_model_len=4096,
                            device="cpu" if args.smoke else "auto")
+    print(f"engine start-up {time.perf_counter() - start:.1f} s")
     vocab = engine.core.vocab_size
     if args.workload == "grpo":
         work = workloads.grpo(vocab, 4, 4, 32, 32) if args.smoke else workloads.grpo(vocab, 64, 16, 512, 1024)

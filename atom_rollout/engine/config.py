@@ -35,6 +35,9 @@ class EngineConfig:
     # Launch step N+1 before reading back step N's tokens (placeholders fed on the
     # device, stop checks one step late). None: on for CUDA engines without speculation.
     async_scheduling: bool | None = None
+    # Compile prefill and sampling kernel variants at start-up (engine/warmup.py).
+    # None: on for CUDA engines.
+    warmup: bool | None = None
     show_progress: bool = True
 
     @classmethod
@@ -63,9 +66,10 @@ class EngineConfig:
         if self.num_speculative_tokens not in range(5):
             raise ValueError(f"num_speculative_tokens: must be 0 (off) to 4, "
                              f"got {self.num_speculative_tokens!r}")
-        if self.async_scheduling not in (None, True, False):
-            raise ValueError(f"async_scheduling: must be True, False or None (auto), "
-                             f"got {self.async_scheduling!r}")
+        for name in ("async_scheduling", "warmup"):
+            if getattr(self, name) not in (None, True, False):
+                raise ValueError(f"{name}: must be True, False or None (auto), "
+                                 f"got {getattr(self, name)!r}")
         if self.async_scheduling and self.num_speculative_tokens:
             raise ValueError("async_scheduling: not supported with num_speculative_tokens "
                              "(a speculative step needs its verified tokens on the host)")

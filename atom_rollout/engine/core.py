@@ -25,6 +25,7 @@ from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 from .prompt_check import check_params
 from .speculation import MTPSpeculator
+from .warmup import warm_up
 from .weight_broadcast import WeightBroadcast
 
 
@@ -71,6 +72,8 @@ class EngineCore:
         self._in_flight: Launched | None = None  # async scheduling: launched, not resolved
         self._seq_ids = itertools.count()
         self._rng = random.Random(self.config.seed)
+        if _use_warmup(config, self.device):
+            warm_up(self)
 
     def _load_model(self):
         model = build_model(self.hf_config)
@@ -361,6 +364,12 @@ class EngineCore:
     def reset_prefix_cache(self) -> None:
         self.block_manager.reset_prefix_cache()
 
+    def reset_counters(self) -> None:
+        """Zero what stats() counts (prefix-cache hits, preemptions, draft acceptance)."""
+        self.block_manager.hit_tokens = self.block_manager.queried_tokens = 0
+        self.scheduler.num_preemptions = 0
+        self.drafts_proposed, self.drafts_accepted_at = 0, [0] * self.num_draft
+
     @on_engine_device
     def init_weight_sync(self, master_address: str, master_port: int, rank_offset: int,
                          world_size: int, backend: str = "nccl", timeout_s: float = 600.0) -> None:
@@ -417,6 +426,12 @@ class EngineCore:
                     a / max(1, self.drafts_proposed // max(1, self.num_draft))
                     for a in self.drafts_accepted_at],
                 "kernel_backend": self.ops.name}
+
+
+def _use_warmup(config: EngineConfig, device: torch.device) -> bool:
+    """Default: on for GPUs, where kernels compile on first use (a CPU engine runs
+    torch ops or, in tests, the Triton interpreter, which has nothing to compile)."""
+    return config.warmup if config.warmup is not None else device.type == "cuda"
 
 
 def _use_async_scheduling(config: EngineConfig, device: torch.device) -> bool:

@@ -1,0 +1,39 @@
+"""Start-up warm-up: runs on request, leaves the engine as if unused."""
+from __future__ import annotations
+
+import pytest
+
+from atom_rollout import RolloutEngine, SamplingParams
+
+
+def _engine(llama, **options) -> RolloutEngine:
+    return RolloutEngine(llama[0], show_progress=False, seed=3, num_kv_blocks=128, **options)
+
+
+def test_warm_engine_looks_unused_and_samples_the_same(llama, monkeypatch):
+    import atom_rollout.engine.core as core_module
+    calls = []
+    real = core_module.warm_up
+    monkeypatch.setattr(core_module, "warm_up", lambda core: (calls.append(1), real(core)))
+    cold, warm = _engine(llama, max_num_seqs=4), _engine(llama, max_num_seqs=4, warmup=True)
+    assert calls == [1]  # the CPU default is off; warmup=True runs it once
+    stats = warm.stats()
+    assert stats["free_kv_blocks"] == stats["num_kv_blocks"]
+    assert stats["prefix_cache_hit_tokens"] == stats["prefix_cache_queried_tokens"] == 0
+    assert stats["num_preemptions"] == 0
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    for params in (SamplingParams(n=2, max_tokens=6, temperature=1.0),  # unseeded: engine seed
+                   SamplingParams(n=2, max_tokens=6, temperature=0.8, seed=11)):
+        expected = cold.generate_batch(prompts, params)
+        got = warm.generate_batch(prompts, params)
+        for e, g in zip(expected, got):
+            assert [s.token_ids for s in g.samples] == [s.token_ids for s in e.samples]
+    # the warm-up's prompt is not served from the prefix cache afterwards
+    warmup_prompt = [1 + i for i in range(33)]
+    warm.generate_batch([warmup_prompt], SamplingParams(max_tokens=1))
+    assert warm.stats()["prefix_cache_hit_tokens"] == 0
+
+
+def test_warmup_option_is_checked(llama):
+    with pytest.raises(ValueError, match="warmup"):
+        _engine(llama, warmup="yes")
