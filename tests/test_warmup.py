@@ -37,3 +37,24 @@ def test_warm_engine_looks_unused_and_samples_the_same(llama, monkeypatch):
 def test_warmup_option_is_checked(llama):
     with pytest.raises(ValueError, match="warmup"):
         _engine(llama, warmup="yes")
+
+
+@pytest.mark.parametrize("options", [dict(async_scheduling=True),
+                                     dict(num_speculative_tokens=2, mtp=True)],
+                         ids=["async", "speculative"])
+def test_warmup_with_async_scheduling_and_speculation(tmp_path, options):
+    from models import build_checkpoint
+    from test_mtp import _with_mtp, mtp_tensors
+    build_checkpoint(tmp_path, "llama")
+    path = _with_mtp(tmp_path, mtp_tensors(seed=1)) if options.pop("mtp", False) else tmp_path
+    cold = RolloutEngine(str(path), show_progress=False, max_num_seqs=4, num_kv_blocks=128,
+                         **options)
+    warm = RolloutEngine(str(path), show_progress=False, max_num_seqs=4, num_kv_blocks=128,
+                         warmup=True, **options)
+    stats = warm.stats()
+    assert stats["free_kv_blocks"] == stats["num_kv_blocks"]
+    assert stats["drafts_proposed"] == 0
+    params = SamplingParams(n=2, max_tokens=5, temperature=1.0, seed=4)
+    expected = cold.generate_batch([[5, 9, 14, 3]], params)[0].samples
+    got = warm.generate_batch([[5, 9, 14, 3]], params)[0].samples
+    assert [s.token_ids for s in got] == [s.token_ids for s in expected]
