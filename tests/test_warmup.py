@@ -12,11 +12,17 @@ def _engine(llama, **options) -> RolloutEngine:
 
 def test_warm_engine_looks_unused_and_samples_the_same(llama, monkeypatch):
     import atom_rollout.engine.core as core_module
-    calls = []
+    queried = []  # prompt tokens the warm-up admitted, seen just before its reset
     real = core_module.warm_up
-    monkeypatch.setattr(core_module, "warm_up", lambda core: (calls.append(1), real(core)))
+
+    def spy(core):
+        reset = core.reset_counters
+        core.reset_counters = lambda: (queried.append(
+            core.stats()["prefix_cache_queried_tokens"]), reset())
+        real(core)
+    monkeypatch.setattr(core_module, "warm_up", spy)
     cold, warm = _engine(llama, max_num_seqs=4), _engine(llama, max_num_seqs=4, warmup=True)
-    assert calls == [1]  # the CPU default is off; warmup=True runs it once
+    assert queried == [33 * (1 + 2 + 4)]  # CPU default off; warmup=True: n = 1, 2, 4
     stats = warm.stats()
     assert stats["free_kv_blocks"] == stats["num_kv_blocks"]
     assert stats["prefix_cache_hit_tokens"] == stats["prefix_cache_queried_tokens"] == 0
