@@ -13,6 +13,7 @@ from __future__ import annotations
 from ..sampler import SamplingParams
 
 PROMPT_TOKENS = 33  # more than the decode tiles' 16 query tokens: the prefill tiles
+MAX_STEPS_PER_REQUEST = 100  # a prefill chunk or two and two tokens take a handful
 
 
 def warm_up(core) -> None:
@@ -23,8 +24,13 @@ def warm_up(core) -> None:
         params = SamplingParams(n=rows, max_tokens=2, temperature=1.0, seed=0,
                                 ignore_eos=True)
         seqs = core.add_request(f"warmup-{rows}", prompt, params)
-        while not all(seq.is_finished for seq in seqs):
+        for _ in range(MAX_STEPS_PER_REQUEST):
+            if all(seq.is_finished for seq in seqs):
+                break
             core.step()
+        else:
+            raise RuntimeError(f"warm-up: {rows} samples of a {prompt_len}-token prompt did "
+                               f"not finish in {MAX_STEPS_PER_REQUEST} steps")
         rows *= 2
     core.drain()
     core.step()  # hands back what the drain finished
