@@ -94,7 +94,9 @@ def test_leaving_a_stream_early_aborts_it(engine):
 
 
 def test_abort_100_in_flight_requests_frees_their_blocks(engine):
-    params = SamplingParams(max_tokens=150, ignore_eos=True)
+    # as long as the checkpoint allows (256 positions): the requests must still be
+    # running when the poll below sees all of them, also on a loaded machine
+    params = SamplingParams(max_tokens=250, ignore_eos=True)
 
     async def go():
         ids = [f"victim-{i}" for i in range(100)]
@@ -108,7 +110,7 @@ def test_abort_100_in_flight_requests_frees_their_blocks(engine):
         return outs, await _wait_for(engine, _all_free)
     outs, _ = run(go())
     assert all(o.samples[0].finish_reason == "abort" for o in outs)
-    assert all(len(o.samples[0].token_ids) < 150 for o in outs)
+    assert all(len(o.samples[0].token_ids) < 250 for o in outs)
 
 
 def test_pause_keep_freezes_and_resume_continues(engine):
