@@ -32,7 +32,7 @@ def test_a_collector_the_caller_disabled_stays_disabled(llama_engine, gc_enabled
     assert not gc.isenabled()
 
 
-def test_nested_pauses_resume_once_and_after_errors(gc_enabled):
+def test_nested_pauses_resume_at_the_outermost_exit_and_after_errors(gc_enabled):
     with cyclic_gc_paused():
         with cyclic_gc_paused():
             assert not gc.isenabled()
