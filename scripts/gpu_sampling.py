@@ -132,7 +132,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="logits dtype (the engine's compute_logits gives float32)")
+                        help="logits dtype (the engine samples from model-dtype logits, bf16 "
+                             "on GPU; the README's numbers are float32)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."),
                         help="folder for sampling.json")
     args = parser.parse_args()
