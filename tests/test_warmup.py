@@ -64,3 +64,13 @@ def test_warmup_with_async_scheduling_and_speculation(tmp_path, options):
     expected = cold.generate_batch([[5, 9, 14, 3]], params)[0].samples
     got = warm.generate_batch([[5, 9, 14, 3]], params)[0].samples
     assert [s.token_ids for s in got] == [s.token_ids for s in expected]
+
+
+def test_warmup_fits_a_small_kv_pool(llama):
+    from atom_rollout.engine.warmup import _most_rows
+    engine = RolloutEngine(llama[0], show_progress=False, max_num_seqs=64, num_kv_blocks=24,
+                           warmup=True)
+    assert _most_rows(engine.core, 33) == 8  # 3 blocks per 35-token sample
+    assert engine.stats()["free_kv_blocks"] == 24
+    out = engine.generate_batch([[3, 4, 5]], SamplingParams(max_tokens=3, temperature=0))
+    assert len(out[0].samples[0].token_ids) == 3

@@ -20,7 +20,7 @@ def warm_up(core) -> None:
     prompt_len = max(1, min(PROMPT_TOKENS, core.max_model_len - 2))
     prompt = [1 + i % (core.vocab_size - 1) for i in range(prompt_len)]
     rows = 1
-    while rows <= core.config.max_num_seqs:
+    while rows <= _most_rows(core, prompt_len):
         params = SamplingParams(n=rows, max_tokens=2, temperature=1.0, seed=0,
                                 ignore_eos=True)
         seqs = core.add_request(f"warmup-{rows}", prompt, params)
@@ -36,3 +36,12 @@ def warm_up(core) -> None:
     core.step()  # hands back what the drain finished
     core.reset_prefix_cache()
     core.reset_counters()
+
+
+def _most_rows(core, prompt_len: int) -> int:
+    """Up to max_num_seqs samples, as many as the KV pool holds at once (so that a
+    small pool does not turn the warm-up into waves of preemptions)."""
+    tokens = prompt_len + 2 + 2 * core.num_draft
+    blocks_per_seq = -(-tokens // core.config.block_size)
+    return max(1, min(core.config.max_num_seqs,
+                      len(core.block_manager.blocks) // blocks_per_seq))
