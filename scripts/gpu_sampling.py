@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_util import gpu_or_smoke, json_safe, median_us, run_guarded  # noqa: E402
+from bench_util import gpu_or_smoke, graph_us, json_safe, median_us, run_guarded  # noqa: E402
 
 if "--smoke" in sys.argv and not torch.cuda.is_available():
     # before atom_rollout's imports: transformers imports triton, which must already
@@ -69,11 +69,7 @@ def graph_time(fn: Callable, on_gpu: bool) -> float:
     if not on_gpu:
         return math.nan
     try:
-        fn()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return median_us(graph.replay, on_gpu)
+        return graph_us(fn, 1, on_gpu)
     except Exception as exc:  # the torch sampler builds a host tensor mid-capture
         print(f"  (no CUDA graph: {type(exc).__name__}: {str(exc)[:80]})", flush=True)
         torch.cuda.synchronize()

@@ -126,10 +126,7 @@ def main(argv=None) -> None:
                            max_model_len=4096, device="cpu" if args.smoke else "auto",
                            async_scheduling=False if args.sync else None)
     vocab = engine.core.vocab_size
-    if args.workload == "grpo":
-        work = workloads.grpo(vocab, 4, 4, 32, 32) if args.smoke else workloads.grpo(vocab, 64, 16, 512, 1024)
-    else:
-        work = workloads.nano_vllm(vocab, 16, 10, 40) if args.smoke else workloads.nano_vllm(vocab)
+    work = workloads.generate_workload(args.workload, vocab, args.smoke)
     engine.generate_batch(work.prompts, work.params)  # Triton compiles variants on first use
     engine.reset_prefix_cache()
     recorder = StepRecorder(engine)

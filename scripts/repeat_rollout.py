@@ -41,10 +41,7 @@ def main() -> None:
                            device="cpu" if args.smoke else "auto")
     print(f"engine start-up {time.perf_counter() - start:.1f} s")
     vocab = engine.core.vocab_size
-    if args.workload == "grpo":
-        work = workloads.grpo(vocab, 4, 4, 32, 32) if args.smoke else workloads.grpo(vocab, 64, 16, 512, 1024)
-    else:
-        work = workloads.nano_vllm(vocab, 16, 10, 40) if args.smoke else workloads.nano_vllm(vocab)
+    work = workloads.generate_workload(args.workload, vocab, args.smoke)
     print(f"cold {timed_run(engine, work):,.0f} out tok/s")
     rates = [timed_run(engine, work) for _ in range(args.runs)]
     print("warm " + " ".join(f"{r:,.0f}" for r in rates)

@@ -44,6 +44,17 @@ def nano_vllm(vocab_size: int, num_seqs: int = 256, low: int = 100, high: int = 
     return Workload(f"nano-vllm {num_seqs} seqs, in/out U[{low},{high}]", prompts, params)
 
 
+def generate_workload(name: str, vocab_size: int, smoke: bool = False) -> Workload:
+    """The benchmark's generate workloads by name ("nano-vllm", "grpo"): full size, or a
+    tiny version for CPU smoke runs of the profiling scripts."""
+    if name == "grpo":
+        return (grpo(vocab_size, 4, 4, 32, 32) if smoke
+                else grpo(vocab_size, 64, 16, 512, 1024))
+    if name == "nano-vllm":
+        return nano_vllm(vocab_size, 16, 10, 40) if smoke else nano_vllm(vocab_size)
+    raise ValueError(f"workload: unknown {name!r}; known: nano-vllm, grpo")
+
+
 def latency(vocab_size: int, prompt_len: int = 128, output_len: int = 256,
             seed: int = 0) -> Workload:
     """Batch 1 decode; timed as (time for output_len tokens - time for 1) / (output_len - 1)."""
