@@ -25,18 +25,24 @@ def mtp_checkpoint(tmp_path_factory):
 
 
 def _cpu_graphs(engine, query_lens, max_batch=8) -> collections.Counter:
-    """Give a CPU engine DecodeGraphs (run eagerly); returns replays counted by q."""
+    """Give a CPU engine DecodeGraphs (run eagerly); returns replays counted by q (and
+    under "fused" the fused speculative steps)."""
     core = engine.core
     graphs = DecodeGraphs(core.model, core.ops, core.runner.kv_caches, max_batch,
                           core.max_model_len + 2 * core.num_draft, core.config.block_size,
                           core.device, query_lens=query_lens, keep_hidden=bool(core.num_draft))
     graphs.capture()
-    calls, run = collections.Counter(), graphs.run
+    calls, run, run_with_tail = collections.Counter(), graphs.run, graphs.run_with_tail
 
     def counted(query_len, *args):
         calls[query_len] += 1
         return run(query_len, *args)
-    graphs.run = counted
+
+    def counted_tail(tail, query_len, *args):
+        calls[query_len] += 1
+        calls["fused"] += 1
+        return run_with_tail(tail, query_len, *args)
+    graphs.run, graphs.run_with_tail = counted, counted_tail
     core.runner.graphs = graphs
     return calls
 
@@ -87,11 +93,37 @@ def test_cpu_verify_graphs_sampled_logprobs_are_the_targets(mtp_checkpoint):
                            num_speculative_tokens=3)
     calls = _cpu_graphs(engine, (4,), max_batch=4)  # 10 samples: eager until 4 are left
     outs = engine.generate_batch(PROMPTS, params)
-    assert calls[4] > 0
+    assert calls[4] > 0 and calls["fused"] > 0
     _assert_processed_logprobs(model, PROMPTS, outs, params, 1e-4)
     eager = RolloutEngine(model_dir, device="cpu", show_progress=False,
                           num_speculative_tokens=3)
     _assert_same(outs, eager.generate_batch(PROMPTS, params), 1e-4)
+
+
+MIXED = [SamplingParams(n=2, temperature=0, max_tokens=9, ignore_eos=True),
+         SamplingParams(n=2, temperature=0.9, top_k=7, max_tokens=17, ignore_eos=True, seed=2),
+         SamplingParams(temperature=1.0, min_p=0.05, max_tokens=13, ignore_eos=True, seed=4),
+         SamplingParams(temperature=1.0, max_tokens=21, ignore_eos=True, seed=6),
+         SamplingParams(n=2, temperature=0.7, top_p=0.8, max_tokens=15, ignore_eos=True)]
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_cpu_fused_speculative_steps_equal_the_eager_path(mtp_checkpoint, k):
+    """Greedy and sampled rows with every filter in one batch, padded (8 rows in 16),
+    rows leaving at different steps: the one-graph step draws what the eager
+    speculative path draws, and the engine frees every block."""
+    model_dir, model = mtp_checkpoint
+    engine = RolloutEngine(model_dir, device="cpu", show_progress=False, seed=11,
+                           num_speculative_tokens=k)
+    calls = _cpu_graphs(engine, (k + 1,), max_batch=16)
+    outs = engine.generate_batch(PROMPTS, MIXED)
+    assert calls["fused"] > 0 and engine.core.runner.fused_speculation.num_steps > 0
+    eager = RolloutEngine(model_dir, device="cpu", show_progress=False, seed=11,
+                          num_speculative_tokens=k)
+    _assert_same(outs, eager.generate_batch(PROMPTS, MIXED), 1e-4)
+    stats = engine.stats()
+    assert stats["free_kv_blocks"] == stats["num_kv_blocks"]
+    assert stats["drafts_proposed"] == eager.stats()["drafts_proposed"]
 
 
 def test_cpu_decode_graphs_of_a_speculative_engine(mtp_checkpoint):

@@ -5,7 +5,9 @@ A step in which every sequence adds the same number q of tokens has fixed shapes
 its batch size: q = 1 is a plain decode step, q = k + 1 a speculative verify step (the
 last verified token plus k drafts). The whole forward is one graph replay; q = 1 graphs
 also run the LM head, and with ``keep_hidden`` every graph returns its final hidden
-states (the MTP speculator needs them for verify logits and its catch-up). Smaller
+states (the MTP speculator needs them for verify logits and its catch-up). A "tail" (see
+run_with_tail) extends a graph with work on the forward's hidden states, for example a
+whole speculative step; tailed graphs are captured on first use. Smaller
 batches are padded up to the next captured size: padded sequences write no KV (slot -1),
 attend to q slots of block 0 and their outputs are dropped. All graphs share one memory
 pool. Without CUDA, run() executes the same padded forward eagerly (for CPU tests).
@@ -45,8 +47,10 @@ class DecodeGraphs:
         self.context_lens = torch.ones(max_batch, dtype=torch.int32, **new)
         self.block_tables = torch.zeros(max_batch, -(-max_context_len // block_size),
                                         dtype=torch.int32, **new)
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        # keyed by (query length, padded batch size, tail key or None)
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple, object] = {}
+        self._pool = None  # the memory pool every graph shares
 
     @property
     def max_batch(self) -> int:
@@ -55,14 +59,19 @@ class DecodeGraphs:
     def fits(self, query_len: int, batch: int) -> bool:
         return query_len in self.query_lens and batch <= self.max_batch
 
-    def _forward(self, query_len: int, size: int):
-        tokens = size * query_len
-        meta = AttentionMetadata(self.slot_mapping[:tokens],
+    def meta(self, query_len: int, size: int) -> AttentionMetadata:
+        """The attention metadata of a (query length, padded size) forward."""
+        return AttentionMetadata(self.slot_mapping[:size * query_len],
                                  self.query_start_loc[query_len][:size + 1],
                                  self.context_lens[:size], self.block_tables[:size],
                                  max_query_len=query_len, max_context_len=self.max_context_len)
+
+    def _forward(self, query_len: int, size: int, tail=None):
+        tokens = size * query_len
         hidden = self.model(self.ops, self.input_ids[:tokens], self.positions[:tokens],
-                            self.kv_caches, meta)
+                            self.kv_caches, self.meta(query_len, size))
+        if tail is not None:
+            return tail(self, hidden, size)
         logits = self.model.compute_logits(hidden, as_float32=False) if query_len == 1 else None
         return (hidden if self.keep_hidden else None), logits
 
@@ -70,23 +79,59 @@ class DecodeGraphs:
     def capture(self) -> None:
         if not self.use_graphs:
             return
-        pool = None
         for q in reversed(self.query_lens):  # largest first: later graphs reuse its pool
             self.context_lens.fill_(q)  # padded sequences see q keys of block 0
             for size in reversed(self.sizes):
                 self._forward(q, size)  # compiles kernels, warms cuBLAS
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self.outputs[q, size] = self._forward(q, size)
-                pool = graph.pool()
-                self.graphs[q, size] = graph
+                self._capture((q, size, None), q, size, None)
         torch.cuda.synchronize()
+
+    def _capture(self, key: tuple, query_len: int, size: int, tail) -> None:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self.outputs[key] = self._forward(query_len, size, tail)
+        self._pool = graph.pool()
+        self.graphs[key] = graph
 
     def run(self, query_len: int, input_ids: torch.Tensor, positions: torch.Tensor,
             slot_mapping: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor):
         """Replay for a batch, given as host tensors, in which every sequence has
         query_len new tokens. Returns (hidden [B * q, H] or None, logits [B, V] or None):
         hidden with keep_hidden, logits for q = 1. Both are overwritten by the next run."""
+        batch, tokens = context_lens.shape[0], context_lens.shape[0] * query_len
+        size = self._load(query_len, input_ids, positions, slot_mapping, context_lens,
+                          block_tables)
+        if self.use_graphs:
+            self.graphs[query_len, size, None].replay()
+            hidden, logits = self.outputs[query_len, size, None]
+        else:
+            hidden, logits = self._forward(query_len, size)
+        return (None if hidden is None else hidden[:tokens],
+                None if logits is None else logits[:batch])
+
+    def run_with_tail(self, tail, query_len: int, input_ids: torch.Tensor,
+                      positions: torch.Tensor, slot_mapping: torch.Tensor,
+                      context_lens: torch.Tensor, block_tables: torch.Tensor):
+        """Like run, then ``tail(graphs, hidden, padded size)`` inside the same graph;
+        returns what the tail returns (rows of the padded batch). One graph per
+        (query_len, size, tail.key), captured on first use: that first call runs eagerly
+        (its result is this call's) and then records the graph, so a tail that updates
+        state the next step reads is never run twice for one step."""
+        size = self._load(query_len, input_ids, positions, slot_mapping, context_lens,
+                          block_tables)
+        key = (query_len, size, tail.key)
+        if not self.use_graphs:
+            return self._forward(query_len, size, tail)
+        if key in self.graphs:
+            self.graphs[key].replay()
+            return self.outputs[key]
+        result = self._forward(query_len, size, tail)
+        self._capture(key, query_len, size, tail)
+        return result
+
+    def _load(self, query_len: int, input_ids, positions, slot_mapping, context_lens,
+              block_tables) -> int:
+        """Copies a batch into the static inputs, pads it; returns the padded size."""
         batch = context_lens.shape[0]
         size = next(s for s in self.sizes if s >= batch)
         tokens, padded = batch * query_len, size * query_len
@@ -97,13 +142,7 @@ class DecodeGraphs:
         self.block_tables[:batch, :block_tables.shape[1]].copy_(block_tables, non_blocking=True)
         if size > batch:
             self._pad(batch, size, query_len, tokens, padded)
-        if self.use_graphs:
-            self.graphs[query_len, size].replay()
-            hidden, logits = self.outputs[query_len, size]
-        else:
-            hidden, logits = self._forward(query_len, size)
-        return (None if hidden is None else hidden[:tokens],
-                None if logits is None else logits[:batch])
+        return size
 
     def _pad(self, batch: int, size: int, query_len: int, tokens: int, padded: int) -> None:
         self.slot_mapping[tokens:padded].fill_(-1)

@@ -12,6 +12,7 @@ from ..kernels import AttentionMetadata, KernelOps
 from ..models import DecoderForCausalLM
 from ..sampler import SamplingTensors, sample
 from .cuda_graphs import DecodeGraphs
+from .fused_speculation import FusedSpeculation
 from .packing import upload_packed as _upload_packed
 from .sampling_rows import SamplingRowCache
 from .scheduler import ScheduledBatch
@@ -70,6 +71,8 @@ class ModelRunner:
         self.score_chunk_tokens = score_chunk_tokens
         self.graphs = graphs
         self.speculator = speculator
+        self.fused_speculation = None if speculator is None else \
+            FusedSpeculation(speculator, model.spec.vocab_size)
         self.fused_sampling = ops.name == "triton"
         self._last_tokens: torch.Tensor | None = None  # the newest launch's sampled tokens
 
@@ -78,6 +81,9 @@ class ModelRunner:
         if self.speculator is None:
             return self.resolve(self.launch(batch))
         inputs = self._prepare(batch)
+        if self._fuses_speculation(batch, inputs):
+            verified, proposals = self.fused_speculation.step(self.graphs, inputs, batch.seqs)
+            return StepResult([], [], [], None, None, verified, proposals)
         hidden, logits = self._forward(batch, inputs)
         result = StepResult([], [], [], None, None) if logits is None else \
             self._to_host(inputs.sample_seqs, self._sample(logits, inputs.sample_seqs))
@@ -117,6 +123,11 @@ class ModelRunner:
         if query_len:
             return self._graph_forward(inputs, query_len)
         return self._eager_forward(inputs)
+
+    def _fuses_speculation(self, batch: ScheduledBatch, inputs: _Inputs) -> bool:
+        """Every sequence verifies its drafts and graphs of that shape exist."""
+        return (self._graph_query_len(batch) == self.speculator.k + 1
+                and len(inputs.verify_rows) == len(batch.seqs))
 
     def _speculate(self, hidden: torch.Tensor, inputs: _Inputs, result: StepResult) -> None:
         """Verify this step's drafts, then give every sequence with a fresh token k new ones."""

@@ -45,7 +45,7 @@ class Verified:
 class Proposal:
     seq: Sequence
     token_ids: list[int]
-    logprobs: torch.Tensor  # [k, V] processed draft distributions
+    logprobs: torch.Tensor | None  # [k, V] processed draft distributions (None: greedy)
 
 
 @dataclass
@@ -97,10 +97,11 @@ class MTPSpeculator:
         views = dict(zip(arrays, upload_packed(list(arrays.values()), self.device))) \
             if arrays else {}
         selected = hidden[:len(rows) * k1] if "rows" not in views else hidden[views["rows"]]
-        target = self._processed(self.model.compute_logits(selected), params)
+        target = processed_rows(self.model.compute_logits(selected), params)
         if drafts is None:
             drafts = views["drafts"]
-            draft_logp = torch.stack([s.draft_logprobs for s in seqs])
+            draft_logp = None if params.all_greedy else \
+                torch.stack([s.draft_logprobs for s in seqs])
         uniforms = views.get("uniforms")  # [k + 1, R]: k accept draws, then the final one
         out = verify(target.view(len(seqs), k1, -1), draft_logp, drafts,
                      None if uniforms is None else uniforms[:k].t(),
@@ -160,8 +161,8 @@ class MTPSpeculator:
             previous = previous[plan.previous_rows]
         tokens, logps = [], []
         for j in range(self.k):
-            logp = self._processed(self.model.compute_logits(previous), params)
-            token = self._draw(logp, params, None if plan.uniforms is None else plan.uniforms[j])
+            logp = processed_rows(self.model.compute_logits(previous), params)
+            token = draw_rows(logp, params, None if plan.uniforms is None else plan.uniforms[j])
             tokens.append(token)
             logps.append(logp)
             if j + 1 < self.k:
@@ -175,35 +176,17 @@ class MTPSpeculator:
 
     def _catch_up(self, hidden, plan: "_DraftPlan") -> torch.Tensor:
         selected = hidden[:plan.num_rows] if plan.rows is None else hidden[plan.rows]
-        return self._mtp(selected, plan.next_ids, plan.positions, plan.meta)
+        return self.run_mtp(selected, plan.next_ids, plan.positions, plan.meta)
 
     def _chain_step(self, previous, token, plan: "_DraftPlan", j: int) -> torch.Tensor:
-        return self._mtp(previous, token, plan.chain_positions[j], plan.chain_meta[j])
+        return self.run_mtp(previous, token, plan.chain_positions[j], plan.chain_meta[j])
 
-    def _mtp(self, previous, next_ids: torch.Tensor, positions: torch.Tensor,
-             meta: AttentionMetadata) -> torch.Tensor:
+    def run_mtp(self, previous, next_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
         """One MTP layer forward; every input is already on the device."""
         embeds = self.model.model.embed_tokens(next_ids)
         return self.layer(self.ops, previous, embeds, positions, self.model.cos_sin, self.kv,
                           meta)
-
-    def _processed(self, logits: torch.Tensor, params: "_RowParams") -> torch.Tensor:
-        """Processed log-probs per row (greedy rows: the plain log-softmax)."""
-        if params.all_greedy:
-            return torch.log_softmax(logits, dim=-1)
-        logp = processed_logprobs(logits, params.temperature, params.top_k, params.top_p,
-                                  params.min_p, params.use_sort, params.use_min_p)
-        if not params.any_greedy:
-            return logp
-        return torch.where(params.greedy_rows, torch.log_softmax(logits, dim=-1), logp)
-
-    def _draw(self, logp, params: "_RowParams", uniforms: torch.Tensor | None) -> torch.Tensor:
-        if params.all_greedy:
-            return logp.argmax(dim=-1)
-        token = inverse_cdf(logp, uniforms)
-        if not params.any_greedy:
-            return token
-        return torch.where(params.greedy, logp.argmax(dim=-1), token)
 
     def _row_params(self, seqs: list[Sequence], repeat: int) -> "_RowParams":
         """Cached while the same sequences come in the same order."""
@@ -211,6 +194,28 @@ class MTPSpeculator:
         if cached is None or cached.seqs != seqs:
             cached = self._params[repeat] = _RowParams(seqs, repeat, self.device)
         return cached
+
+
+def processed_rows(logits: torch.Tensor, params) -> torch.Tensor:
+    """Processed log-probs per row (greedy rows: the plain log-softmax). params: a
+    _RowParams or anything with its attributes (host flags and per-row device tensors)."""
+    if params.all_greedy:
+        return torch.log_softmax(logits, dim=-1)
+    logp = processed_logprobs(logits, params.temperature, params.top_k, params.top_p,
+                              params.min_p, params.use_sort, params.use_min_p)
+    if not params.any_greedy:
+        return logp
+    return torch.where(params.greedy_rows, torch.log_softmax(logits, dim=-1), logp)
+
+
+def draw_rows(logp: torch.Tensor, params, uniforms: torch.Tensor | None) -> torch.Tensor:
+    """One token per row: the argmax for greedy rows, else the inverse-CDF draw."""
+    if params.all_greedy:
+        return logp.argmax(dim=-1)
+    token = inverse_cdf(logp, uniforms)
+    if not params.any_greedy:
+        return token
+    return torch.where(params.greedy, logp.argmax(dim=-1), token)
 
 
 @dataclass

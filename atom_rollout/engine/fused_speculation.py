@@ -1,0 +1,239 @@
+"""A whole speculative decode step as one CUDA-graph replay and one readback.
+
+When every sequence of a batch verifies its k drafts (q = k + 1 tokens each), the
+step's work after the target forward has fixed shapes, so it joins the forward's graph
+as a tail (DecodeGraphs.run_with_tail): processed target distributions, exact rejection
+sampling (sampler/speculative.py), the MTP catch-up over all k + 1 rows (rows past the
+accepted run read and write only positions that later steps overwrite), the row at the
+accepted count picked on the device, and the k-step draft chain with its positions and
+KV slots computed on the device. Uniforms come from the same counter-based noise as the
+eager path (engine/speculation.py), with counters derived on the device, so both paths
+draw the same tokens. The host reads back one [B, 2k + 4] tensor per step.
+
+Per-sequence settings (noise keys, prompt lengths, processing parameters) are uploaded
+when the batch composition changes; the draft distributions live in one [B, k, V]
+buffer that the next step's verification reads (re-stacked when the rows change).
+Graph variants: all-greedy rows, or sampled rows with or without top-k/top-p and min-p.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..kernels import AttentionMetadata
+from ..sampler.noise import _uniforms, signed64
+from ..sampler.speculative import verify
+from .cuda_graphs import DecodeGraphs
+from .packing import upload_packed
+from .sequence import Sequence
+from .speculation import (_ACCEPT_SALT, _DRAFT_SALT, _FINAL_SALT, _SPEC_KEY, MTPSpeculator,
+                          Proposal, Verified, draw_rows, processed_rows)
+
+
+@dataclass(frozen=True)
+class _Mode:
+    """Host flags a graph is specialised for (its tail key)."""
+
+    all_greedy: bool
+    use_sort: bool
+    use_min_p: bool
+
+    @classmethod
+    def of(cls, seqs: list[Sequence]) -> "_Mode":
+        params = [s.params for s in seqs]
+        if all(p.greedy for p in params):
+            return cls(True, False, False)
+        return cls(False, any(p.top_k > 0 or p.top_p < 1 for p in params),
+                   any(p.min_p > 0 for p in params))
+
+
+@dataclass
+class _Params:
+    """processed_rows / draw_rows parameters over static buffers (sampled modes treat
+    every row as possibly greedy: the same values, one torch.where more)."""
+
+    all_greedy: bool
+    use_sort: bool
+    use_min_p: bool
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    any_greedy: bool = True
+
+    def __post_init__(self):
+        self.greedy = self.temperature == 0
+        self.greedy_rows = self.greedy[:, None]
+
+    def repeated(self, times: int) -> "_Params":
+        def rep(values):
+            return values[:, None].expand(-1, times).reshape(-1)
+        return _Params(self.all_greedy, self.use_sort, self.use_min_p, rep(self.temperature),
+                       rep(self.top_k), rep(self.top_p), rep(self.min_p))
+
+
+class _StaticRows:
+    """Per-row device buffers the tail reads, sized for the graphs' largest batch."""
+
+    def __init__(self, max_batch: int, k: int, vocab: int, device: torch.device):
+        new = dict(device=device)
+        self.keys = torch.zeros(max_batch, dtype=torch.int64, **new)
+        self.prompt_lens = torch.zeros(max_batch, dtype=torch.int64, **new)
+        self.temperature = torch.zeros(max_batch, dtype=torch.float32, **new)
+        self.top_p = torch.ones(max_batch, dtype=torch.float32, **new)
+        self.min_p = torch.zeros(max_batch, dtype=torch.float32, **new)
+        self.top_k = torch.zeros(max_batch, dtype=torch.int64, **new)
+        self.chain_query_start = torch.arange(max_batch + 1, dtype=torch.int32, **new)
+        salts = [_ACCEPT_SALT + i for i in range(k)] + [_FINAL_SALT]  # verify's k + 1 draws
+        self.verify_salts = torch.tensor(salts, dtype=torch.int64, **new)
+        self.max_batch, self.k, self.vocab, self.device = max_batch, k, vocab, device
+        self.draft_logp: torch.Tensor | None = None  # [max_batch, k, V], on first sampled use
+
+    def load(self, seqs: list[Sequence]) -> None:
+        params = [s.params for s in seqs]
+        keys = np.array([signed64(s.noise_key ^ _SPEC_KEY) for s in seqs], dtype=np.int64)
+        host = [keys, np.array([s.num_prompt_tokens for s in seqs], dtype=np.int64),
+                np.array([p.temperature for p in params], dtype=np.float32),
+                np.array([p.top_p for p in params], dtype=np.float32),
+                np.array([p.min_p for p in params], dtype=np.float32),
+                np.array([p.top_k for p in params], dtype=np.int64)]
+        targets = [self.keys, self.prompt_lens, self.temperature, self.top_p, self.min_p,
+                   self.top_k]
+        for target, view in zip(targets, upload_packed(host, self.device)):
+            target[:len(seqs)].copy_(view, non_blocking=True)
+
+    def params(self, size: int, mode: _Mode) -> _Params:
+        return _Params(mode.all_greedy, mode.use_sort, mode.use_min_p,
+                       self.temperature[:size], self.top_k[:size], self.top_p[:size],
+                       self.min_p[:size])
+
+    def draft_buffer(self) -> torch.Tensor:
+        if self.draft_logp is None:
+            self.draft_logp = torch.zeros(self.max_batch, self.k, self.vocab,
+                                          dtype=torch.float32, device=self.device)
+        return self.draft_logp
+
+
+class _Tail:
+    """The device work after the verify forward (see the module docstring)."""
+
+    def __init__(self, speculator: MTPSpeculator, rows: _StaticRows, mode: _Mode):
+        self.spec, self.rows, self.mode, self.key = speculator, rows, mode, ("spec", mode)
+
+    def __call__(self, graphs: DecodeGraphs, hidden: torch.Tensor, size: int) -> torch.Tensor:
+        k1 = self.spec.k + 1
+        tokens = size * k1
+        starts = graphs.positions[:tokens].view(size, k1)[:, 0]
+        params = self.rows.params(size, self.mode)
+        counters = starts + 1 - self.rows.prompt_lens[:size]  # output tokens so far
+        out = self._verify(graphs, hidden, size, params, counters)
+        mtp = self.spec.run_mtp(hidden, out.token_ids.clamp(min=0).view(-1),
+                                graphs.positions[:tokens], graphs.meta(k1, size))
+        previous = mtp.view(size, k1, -1)[torch.arange(size, device=hidden.device),
+                                          out.num_accepted]
+        live = graphs.slot_mapping[:tokens].view(size, k1)[:, 0] >= 0
+        drafts = self._chain(graphs, previous, size, params, counters + out.num_accepted + 1,
+                             starts + out.num_accepted + 1, live)
+        return torch.cat([out.token_ids.double(), out.logprobs.double(),
+                          out.num_accepted[:, None].double(), drafts.double()], dim=1)
+
+    def _verify(self, graphs, hidden, size, params: _Params, counters):
+        k, k1 = self.spec.k, self.spec.k + 1
+        logits = self.spec.model.compute_logits(hidden)
+        target = processed_rows(logits, params.repeated(k1)).view(size, k1, -1)
+        drafts = graphs.input_ids[:size * k1].view(size, k1)[:, 1:]
+        if self.mode.all_greedy:
+            return verify(target, None, drafts, None, None, params.greedy, all_greedy=True)
+        uniforms = _uniforms(self.rows.keys[:size, None],
+                             counters[:, None] * 16 + self.rows.verify_salts)  # [size, k1]
+        return verify(target, self.rows.draft_buffer()[:size], drafts, uniforms[:, :k],
+                      uniforms[:, k], params.greedy)
+
+    def _chain(self, graphs, previous, size, params: _Params, counters, first, live):
+        """k drafts per row; the MTP layer runs k - 1 times, one row per sequence, at
+        positions first, first + 1, ... (padded rows: position 0, no KV write)."""
+        k, bs = self.spec.k, graphs.block_size
+        tables = graphs.block_tables[:size]
+        arange = torch.arange(size, device=previous.device)
+        drafts = []
+        for j in range(k):
+            logp = processed_rows(self.spec.model.compute_logits(previous), params)
+            uniforms = None if self.mode.all_greedy else _uniforms(
+                self.rows.keys[:size], counters * 16 + _DRAFT_SALT + j)
+            token = draw_rows(logp, params, uniforms)
+            drafts.append(token)
+            if not self.mode.all_greedy:
+                self.rows.draft_buffer()[:size, j].copy_(logp)
+            if j + 1 == k:
+                break
+            positions = torch.where(live, first + j, 0)
+            slots = tables[arange, positions // bs].long() * bs + positions % bs
+            meta = AttentionMetadata(torch.where(live, slots, -1),
+                                     self.rows.chain_query_start[:size + 1],
+                                     (positions + 1).int(), tables, max_query_len=1,
+                                     max_context_len=graphs.max_context_len)
+            previous = self.spec.run_mtp(previous, token, positions, meta)
+        return torch.stack(drafts, dim=1)
+
+
+class FusedSpeculation:
+    """Runs a verify-only batch as one tailed graph replay; see the module docstring."""
+
+    def __init__(self, speculator: MTPSpeculator, vocab_size: int):
+        self.spec, self.vocab = speculator, vocab_size
+        self._rows: _StaticRows | None = None
+        self._graphs: DecodeGraphs | None = None
+        self._tails: dict[_Mode, _Tail] = {}
+        self._seqs: list[Sequence] = []  # the last step's rows
+        self._views: list[torch.Tensor | None] = []  # the draft views handed to them
+        self.num_steps = 0
+
+    def step(self, graphs: DecodeGraphs, inputs, seqs: list[Sequence]):
+        """(verified, proposals) of a batch in which every sequence verifies k drafts;
+        inputs: the runner's device inputs of the step."""
+        rows, mode = self._prepare(graphs, seqs)
+        packed = graphs.run_with_tail(self._tail(mode), self.spec.k + 1, inputs.input_ids,
+                                      inputs.positions, inputs.slot_mapping,
+                                      inputs.context_lens, inputs.block_tables)
+        host = packed[:len(seqs)].cpu().numpy()  # the step's one sync
+        self.num_steps += 1
+        return self._results(seqs, host, rows, mode)
+
+    def _prepare(self, graphs: DecodeGraphs, seqs: list[Sequence]):
+        if self._graphs is not graphs:  # new graphs (e.g. after wake_up): new buffers
+            self._graphs, self._tails, self._seqs = graphs, {}, []
+            self._rows = _StaticRows(graphs.max_batch, self.spec.k, self.vocab,
+                                     graphs.input_ids.device)
+        rows, mode = self._rows, _Mode.of(seqs)
+        same_rows = len(seqs) == len(self._seqs) and all(
+            a is b for a, b in zip(seqs, self._seqs))
+        if not same_rows:
+            rows.load(seqs)
+        if not mode.all_greedy and not (same_rows and all(
+                s.draft_logprobs is v for s, v in zip(seqs, self._views))):
+            # drafts proposed by the eager path, or rows moved: gather them (stack first,
+            # as the sources may be views of the buffer itself)
+            rows.draft_buffer()[:len(seqs)].copy_(torch.stack([s.draft_logprobs for s in seqs]))
+        self.spec.forget_drafts()
+        return rows, mode
+
+    def _tail(self, mode: _Mode) -> _Tail:
+        tail = self._tails.get(mode)
+        if tail is None:
+            tail = self._tails[mode] = _Tail(self.spec, self._rows, mode)
+        return tail
+
+    def _results(self, seqs, host: np.ndarray, rows: _StaticRows, mode: _Mode):
+        k1 = self.spec.k + 1
+        accepted = host[:, 2 * k1].astype(np.int64).tolist()
+        tokens = host[:, :k1].astype(np.int64).tolist()
+        logprobs = host[:, k1:2 * k1].tolist()
+        drafts = host[:, 2 * k1 + 1:].astype(np.int64).tolist()
+        views = [None] * len(seqs) if mode.all_greedy else list(rows.draft_buffer()[:len(seqs)])
+        verified = [Verified(s, tokens[i][:accepted[i] + 1], logprobs[i][:accepted[i] + 1],
+                             accepted[i]) for i, s in enumerate(seqs)]
+        proposals = [Proposal(s, drafts[i], views[i]) for i, s in enumerate(seqs)]
+        self._seqs, self._views = list(seqs), views
+        return verified, proposals
