@@ -172,8 +172,9 @@ def test_gpu_speculative_graphs_equal_eager_and_plain(mtp_checkpoint, k, batch):
     graphed = _gpu_engine(model_dir, "float32", num_speculative_tokens=k)
     assert graphed.core.runner.graphs is not None
     replays = collections.Counter()
-    run = graphed.core.runner.graphs.run
-    graphed.core.runner.graphs.run = lambda q, *a: replays.update([q]) or run(q, *a)
+    graphs = graphed.core.runner.graphs
+    run_with_tail = graphs.run_with_tail
+    graphs.run_with_tail = lambda tail, q, *a: replays.update([q]) or run_with_tail(tail, q, *a)
     eager = _gpu_engine(model_dir, "float32", num_speculative_tokens=k, enforce_eager=True)
     assert eager.core.runner.graphs is None
     out_graphs = graphed.generate_batch(prompts, greedy)

@@ -1,0 +1,99 @@
+"""Where a speculative decode step's time goes: host vs GPU, and the GPU by kernel.
+
+    python scripts/profile_spec_step.py MODEL_DIR_WITH_MTP [--k 3] [--batches 1,64]
+        [--temperatures 0,1] [--top 12]
+
+For each (batch, temperature): the prompts of bench_speculative.py through a speculative
+engine (and a plain one for reference), a warm run, then a profiled run: wall time per
+engine step, GPU kernel time per step (torch.profiler), tokens per step, and the kernels
+that take the most GPU time per step. Prints a table; writes JSON to $OUT.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_speculative import batch_prompts, load_prompts  # noqa: E402
+
+from atom_rollout import RolloutEngine, SamplingParams  # noqa: E402
+
+
+def profiled_run(engine: RolloutEngine, prompts, params, top: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+    engine.generate_batch(prompts, params)  # warm: graphs of every size this run meets
+    steps = []
+    core_step = engine.core.step
+
+    def counted():
+        steps.append(1)
+        return core_step()
+    engine.core.step = counted
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        outs = engine.generate_batch(prompts, params)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    engine.core.step = core_step
+    tokens = sum(len(s.token_ids) for o in outs for s in o.samples)
+    by_kernel = defaultdict(float)
+    for event in prof.key_averages():
+        if event.self_device_time_total > 0:
+            by_kernel[event.key[:70]] += event.self_device_time_total
+    n = len(steps)
+    gpu_us = sum(by_kernel.values()) / n
+    ranked = sorted(by_kernel.items(), key=lambda kv: -kv[1])[:top]
+    return {"steps": n, "tokens_per_step": tokens / n, "wall_us_per_step": wall / n * 1e6,
+            "gpu_us_per_step": gpu_us, "tok_s": tokens / wall,
+            "top_kernels_us_per_step": [(name, t / n) for name, t in ranked]}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir")
+    parser.add_argument("--k", type=int, default=3)
+    parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--temperatures", default="0,1")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--top", type=int, default=12)
+    args = parser.parse_args(argv)
+    from transformers import AutoConfig
+    vocab = AutoConfig.from_pretrained(args.model_dir).vocab_size
+    pool, _ = load_prompts(args.model_dir, None, "{a}{op}{b}=")
+    batches = [int(b) for b in args.batches.split(",")]
+    report = {"device": torch.cuda.get_device_name(), "k": args.k, "cases": []}
+    for k in (0, args.k):
+        engine = RolloutEngine(args.model_dir, show_progress=False, num_speculative_tokens=k,
+                               max_num_seqs=max(batches))
+        for batch in batches:
+            for temperature in map(float, args.temperatures.split(",")):
+                params = SamplingParams(temperature=temperature, ignore_eos=True, seed=0,
+                                        max_tokens=args.max_tokens)
+                case = profiled_run(engine, batch_prompts(pool, batch, vocab, 32), params,
+                                    args.top)
+                case.update(k=k, batch=batch, temperature=temperature)
+                report["cases"].append(case)
+                _print(case)
+        del engine
+        torch.cuda.empty_cache()
+    with open(os.path.join(os.environ.get("OUT", "."), "spec_step_profile.json"), "w") as f:
+        json.dump(report, f, indent=2)
+
+
+def _print(case: dict) -> None:
+    print(f"\nk={case['k']} batch={case['batch']} t={case['temperature']}: "
+          f"{case['tok_s']:.0f} tok/s, {case['tokens_per_step']:.2f} tok/step, "
+          f"wall {case['wall_us_per_step']:.0f} us/step, GPU {case['gpu_us_per_step']:.0f}")
+    for name, us in case["top_kernels_us_per_step"]:
+        print(f"  {us:8.1f} us  {name}")
+
+
+if __name__ == "__main__":
+    main()
