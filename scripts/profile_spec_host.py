@@ -11,7 +11,9 @@ Phases (thread CPU time, best of --repeat runs): schedule, prepare (the runner's
 forward (graph-path glue around the stub), verify (target logits, processing, rejection
 sampling, the readback), catch_up (MTP rows of newly known tokens), draft (the k draft
 draws and k - 1 chained MTP steps, the second readback), speculate (the runner's glue
-around verify/propose), postprocess (EngineCore._postprocess), other (the rest).
+around verify/propose), fused (the one-graph speculative step's host side, see
+engine/fused_speculation.py), tail (its graph's work, run eagerly here: on a GPU one
+replay), postprocess (EngineCore._postprocess), other (the rest).
 "uploads" counts host->device copies a GPU run would make per step (on CPU they are
 free, on a GPU each costs ~5-15 us of host time: pinning plus the copy launch).
 
@@ -34,12 +36,12 @@ from torch import nn
 
 from atom_rollout import RolloutEngine
 from atom_rollout.bench.models import config_dir
-from atom_rollout.engine import model_runner, speculation
+from atom_rollout.engine import fused_speculation, model_runner, speculation
 from atom_rollout.engine.cuda_graphs import DecodeGraphs
 from profile_host import PhaseTimer, add_requests
 
 PHASES = ("schedule", "prepare", "forward", "verify", "catch_up", "draft", "speculate",
-          "postprocess")
+          "fused", "tail", "postprocess")
 
 
 class StubTarget:
@@ -106,6 +108,8 @@ def instrument(engine: RolloutEngine) -> PhaseTimer:
     timer.wrap(spec, "verify", "verify")
     timer.wrap(spec, "propose", "draft", exclude=("catch_up",))
     timer.wrap(spec, "_catch_up", "catch_up")
+    timer.wrap(runner.fused_speculation, "step", "fused", exclude=("tail",))
+    timer.wrap(runner.graphs, "_forward", "tail")
     timer.wrap(core, "_postprocess", "postprocess")
     return timer
 
@@ -117,7 +121,8 @@ class UploadCounter:
         self.count, self.enabled = 0, False
         runner = engine.core.runner
         for owner, name in ((runner, "_upload"), (runner.speculator, "_upload"),
-                            (model_runner, "_upload_packed"), (speculation, "upload_packed")):
+                            (model_runner, "_upload_packed"), (speculation, "upload_packed"),
+                            (fused_speculation, "upload_packed")):
             if hasattr(owner, name):
                 self._wrap(owner, name)
 

@@ -55,6 +55,37 @@ def profiled_run(engine: RolloutEngine, prompts, params, top: int) -> dict:
             "top_kernels_us_per_step": [(name, t / n) for name, t in ranked]}
 
 
+def timed_run(engine: RolloutEngine, prompts, params) -> dict:
+    """Without the profiler: wall per step and, per speculative graph step, the GPU time
+    from before its inputs' copies to the end of its replay (CUDA events), so that
+    wall - graph is host time the GPU waited for."""
+    graphs = engine.core.runner.graphs
+    pairs, steps, inner = [], [], graphs.run_with_tail
+    core_step = engine.core.step
+
+    def run_with_tail(*args):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = inner(*args)
+        end.record()
+        pairs.append((start, end))
+        return out
+
+    def counted():
+        steps.append(1)
+        return core_step()
+    graphs.run_with_tail, engine.core.step = run_with_tail, counted
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    engine.generate_batch(prompts, params)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    graphs.run_with_tail, engine.core.step = inner, core_step
+    graph_ms = [a.elapsed_time(b) for a, b in pairs]
+    return {"timed_wall_us_per_step": wall / len(steps) * 1e6, "graph_steps": len(pairs),
+            "graph_us_per_graph_step": sum(graph_ms) / max(1, len(pairs)) * 1e3}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir")
@@ -76,8 +107,10 @@ def main(argv=None) -> None:
             for temperature in map(float, args.temperatures.split(",")):
                 params = SamplingParams(temperature=temperature, ignore_eos=True, seed=0,
                                         max_tokens=args.max_tokens)
-                case = profiled_run(engine, batch_prompts(pool, batch, vocab, 32), params,
-                                    args.top)
+                prompts = batch_prompts(pool, batch, vocab, 32)
+                case = profiled_run(engine, prompts, params, args.top)
+                if k and engine.core.runner.graphs is not None:
+                    case.update(timed_run(engine, prompts, params))
                 case.update(k=k, batch=batch, temperature=temperature)
                 report["cases"].append(case)
                 _print(case)
@@ -91,6 +124,10 @@ def _print(case: dict) -> None:
     print(f"\nk={case['k']} batch={case['batch']} t={case['temperature']}: "
           f"{case['tok_s']:.0f} tok/s, {case['tokens_per_step']:.2f} tok/step, "
           f"wall {case['wall_us_per_step']:.0f} us/step, GPU {case['gpu_us_per_step']:.0f}")
+    if "graph_steps" in case:
+        print(f"  unprofiled: wall {case['timed_wall_us_per_step']:.0f} us/step; "
+              f"{case['graph_steps']} graph steps, {case['graph_us_per_graph_step']:.0f} us "
+              f"of GPU each (copies + replay)")
     for name, us in case["top_kernels_us_per_step"]:
         print(f"  {us:8.1f} us  {name}")
 

@@ -117,3 +117,19 @@ def test_greedy_emits_the_target_argmax_chain(k):
         assert (out.token_ids[~live, i] == -1).all()
         context = torch.cat([context, argmax[:, None]], dim=1)
     assert (out.num_accepted < k).any() and (out.num_accepted > 0).any()
+
+
+@pytest.mark.parametrize("vocab, block", [(37, 8), (64, 16), (1000, 1024)])
+def test_blocked_inverse_cdf_equals_the_full_scan(vocab, block):
+    from atom_rollout.sampler.speculative import blocked_inverse_cdf
+    gen = torch.Generator().manual_seed(vocab)
+    weights = torch.rand(200, vocab, generator=gen) ** 4
+    weights[weights < 0.05] = 0  # filtered tokens
+    weights[0] = 0
+    weights[0, vocab - 1] = 0.3  # all the mass on the last token
+    uniforms = torch.rand(200, generator=gen, dtype=torch.float64)
+    cdf = weights.double().cumsum(dim=-1)
+    expected = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True)[:, 0]
+    tokens = blocked_inverse_cdf(weights, uniforms, block=block)
+    assert torch.equal(tokens, expected)
+    assert (weights.gather(1, tokens[:, None]) > 0).all()

@@ -13,7 +13,8 @@ draw the same tokens. The host reads back one [B, 2k + 4] tensor per step.
 Per-sequence settings (noise keys, prompt lengths, processing parameters) are uploaded
 when the batch composition changes; the draft distributions live in one [B, k, V]
 buffer that the next step's verification reads (re-stacked when the rows change).
-Graph variants: all-greedy rows, or sampled rows with or without top-k/top-p and min-p.
+Graph variants (the host flags of the batch's rows): all greedy, or sampled with or
+without greedy rows, top-k/top-p and min-p.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from .cuda_graphs import DecodeGraphs
 from .packing import upload_packed
 from .sequence import Sequence
 from .speculation import (_ACCEPT_SALT, _DRAFT_SALT, _FINAL_SALT, _SPEC_KEY, MTPSpeculator,
-                          Proposal, Verified, draw_rows, processed_rows)
+                          Proposal, Verified, draft_rows, processed_rows)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class _Mode:
     """Host flags a graph is specialised for (its tail key)."""
 
     all_greedy: bool
+    any_greedy: bool
     use_sort: bool
     use_min_p: bool
 
@@ -44,24 +46,24 @@ class _Mode:
     def of(cls, seqs: list[Sequence]) -> "_Mode":
         params = [s.params for s in seqs]
         if all(p.greedy for p in params):
-            return cls(True, False, False)
-        return cls(False, any(p.top_k > 0 or p.top_p < 1 for p in params),
+            return cls(True, True, False, False)
+        return cls(False, any(p.greedy for p in params),
+                   any(p.top_k > 0 or p.top_p < 1 for p in params),
                    any(p.min_p > 0 for p in params))
 
 
 @dataclass
 class _Params:
-    """processed_rows / draw_rows parameters over static buffers (sampled modes treat
-    every row as possibly greedy: the same values, one torch.where more)."""
+    """processed_rows / draft_rows parameters over static buffers."""
 
     all_greedy: bool
+    any_greedy: bool
     use_sort: bool
     use_min_p: bool
     temperature: torch.Tensor
     top_k: torch.Tensor
     top_p: torch.Tensor
     min_p: torch.Tensor
-    any_greedy: bool = True
 
     def __post_init__(self):
         self.greedy = self.temperature == 0
@@ -70,14 +72,14 @@ class _Params:
     def repeated(self, times: int) -> "_Params":
         def rep(values):
             return values[:, None].expand(-1, times).reshape(-1)
-        return _Params(self.all_greedy, self.use_sort, self.use_min_p, rep(self.temperature),
-                       rep(self.top_k), rep(self.top_p), rep(self.min_p))
+        return _Params(self.all_greedy, self.any_greedy, self.use_sort, self.use_min_p,
+                       rep(self.temperature), rep(self.top_k), rep(self.top_p), rep(self.min_p))
 
 
 class _StaticRows:
     """Per-row device buffers the tail reads, sized for the graphs' largest batch."""
 
-    def __init__(self, max_batch: int, k: int, vocab: int, device: torch.device):
+    def __init__(self, max_batch: int, k: int, device: torch.device):
         new = dict(device=device)
         self.keys = torch.zeros(max_batch, dtype=torch.int64, **new)
         self.prompt_lens = torch.zeros(max_batch, dtype=torch.int64, **new)
@@ -88,7 +90,7 @@ class _StaticRows:
         self.chain_query_start = torch.arange(max_batch + 1, dtype=torch.int32, **new)
         salts = [_ACCEPT_SALT + i for i in range(k)] + [_FINAL_SALT]  # verify's k + 1 draws
         self.verify_salts = torch.tensor(salts, dtype=torch.int64, **new)
-        self.max_batch, self.k, self.vocab, self.device = max_batch, k, vocab, device
+        self.max_batch, self.k, self.device = max_batch, k, device
         self.draft_logp: torch.Tensor | None = None  # [max_batch, k, V], on first sampled use
 
     def load(self, seqs: list[Sequence]) -> None:
@@ -105,14 +107,14 @@ class _StaticRows:
             target[:len(seqs)].copy_(view, non_blocking=True)
 
     def params(self, size: int, mode: _Mode) -> _Params:
-        return _Params(mode.all_greedy, mode.use_sort, mode.use_min_p,
+        return _Params(mode.all_greedy, mode.any_greedy, mode.use_sort, mode.use_min_p,
                        self.temperature[:size], self.top_k[:size], self.top_p[:size],
                        self.min_p[:size])
 
-    def draft_buffer(self) -> torch.Tensor:
+    def draft_buffer(self, vocab: int) -> torch.Tensor:
         if self.draft_logp is None:
-            self.draft_logp = torch.zeros(self.max_batch, self.k, self.vocab,
-                                          dtype=torch.float32, device=self.device)
+            self.draft_logp = torch.zeros(self.max_batch, self.k, vocab, dtype=torch.float32,
+                                          device=self.device)
         return self.draft_logp
 
 
@@ -148,7 +150,7 @@ class _Tail:
             return verify(target, None, drafts, None, None, params.greedy, all_greedy=True)
         uniforms = _uniforms(self.rows.keys[:size, None],
                              counters[:, None] * 16 + self.rows.verify_salts)  # [size, k1]
-        return verify(target, self.rows.draft_buffer()[:size], drafts, uniforms[:, :k],
+        return verify(target, self.rows.draft_buffer(target.shape[-1])[:size], drafts, uniforms[:, :k],
                       uniforms[:, k], params.greedy)
 
     def _chain(self, graphs, previous, size, params: _Params, counters, first, live):
@@ -159,13 +161,12 @@ class _Tail:
         arange = torch.arange(size, device=previous.device)
         drafts = []
         for j in range(k):
-            logp = processed_rows(self.spec.model.compute_logits(previous), params)
             uniforms = None if self.mode.all_greedy else _uniforms(
                 self.rows.keys[:size], counters * 16 + _DRAFT_SALT + j)
-            token = draw_rows(logp, params, uniforms)
+            token, logp = draft_rows(self.spec.model.compute_logits(previous), params, uniforms)
             drafts.append(token)
-            if not self.mode.all_greedy:
-                self.rows.draft_buffer()[:size, j].copy_(logp)
+            if logp is not None:
+                self.rows.draft_buffer(logp.shape[-1])[:size, j].copy_(logp)
             if j + 1 == k:
                 break
             positions = torch.where(live, first + j, 0)
@@ -181,8 +182,8 @@ class _Tail:
 class FusedSpeculation:
     """Runs a verify-only batch as one tailed graph replay; see the module docstring."""
 
-    def __init__(self, speculator: MTPSpeculator, vocab_size: int):
-        self.spec, self.vocab = speculator, vocab_size
+    def __init__(self, speculator: MTPSpeculator):
+        self.spec = speculator
         self._rows: _StaticRows | None = None
         self._graphs: DecodeGraphs | None = None
         self._tails: dict[_Mode, _Tail] = {}
@@ -204,8 +205,7 @@ class FusedSpeculation:
     def _prepare(self, graphs: DecodeGraphs, seqs: list[Sequence]):
         if self._graphs is not graphs:  # new graphs (e.g. after wake_up): new buffers
             self._graphs, self._tails, self._seqs = graphs, {}, []
-            self._rows = _StaticRows(graphs.max_batch, self.spec.k, self.vocab,
-                                     graphs.input_ids.device)
+            self._rows = _StaticRows(graphs.max_batch, self.spec.k, graphs.input_ids.device)
         rows, mode = self._rows, _Mode.of(seqs)
         same_rows = len(seqs) == len(self._seqs) and all(
             a is b for a, b in zip(seqs, self._seqs))
@@ -215,7 +215,8 @@ class FusedSpeculation:
                 s.draft_logprobs is v for s, v in zip(seqs, self._views))):
             # drafts proposed by the eager path, or rows moved: gather them (stack first,
             # as the sources may be views of the buffer itself)
-            rows.draft_buffer()[:len(seqs)].copy_(torch.stack([s.draft_logprobs for s in seqs]))
+            stacked = torch.stack([s.draft_logprobs for s in seqs])
+            rows.draft_buffer(stacked.shape[-1])[:len(seqs)].copy_(stacked)
         self.spec.forget_drafts()
         return rows, mode
 
@@ -231,7 +232,7 @@ class FusedSpeculation:
         tokens = host[:, :k1].astype(np.int64).tolist()
         logprobs = host[:, k1:2 * k1].tolist()
         drafts = host[:, 2 * k1 + 1:].astype(np.int64).tolist()
-        views = [None] * len(seqs) if mode.all_greedy else list(rows.draft_buffer()[:len(seqs)])
+        views = [None] * len(seqs) if mode.all_greedy else list(rows.draft_logp[:len(seqs)])
         verified = [Verified(s, tokens[i][:accepted[i] + 1], logprobs[i][:accepted[i] + 1],
                              accepted[i]) for i, s in enumerate(seqs)]
         proposals = [Proposal(s, drafts[i], views[i]) for i, s in enumerate(seqs)]

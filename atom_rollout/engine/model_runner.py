@@ -72,7 +72,7 @@ class ModelRunner:
         self.graphs = graphs
         self.speculator = speculator
         self.fused_speculation = None if speculator is None else \
-            FusedSpeculation(speculator, model.spec.vocab_size)
+            FusedSpeculation(speculator)
         self.fused_sampling = ops.name == "triton"
         self._last_tokens: torch.Tensor | None = None  # the newest launch's sampled tokens
 
@@ -203,7 +203,12 @@ class ModelRunner:
     def _prepare(self, batch: ScheduledBatch, overlapped: bool = False) -> _Inputs:
         """The step's inputs on the device: metadata and sampling rows go up in one copy."""
         self._staged_sampling = None
-        host = self._decode_host(batch) if batch.is_decode else self._general_host(batch)
+        if batch.is_decode:
+            host = self._decode_host(batch)
+        elif self._is_verify_only(batch):
+            host = self._verify_host(batch)
+        else:
+            host = self._general_host(batch)
         arrays = host.arrays
         feed = _placeholder_feed(batch) if overlapped else None
         if feed is not None:
@@ -242,6 +247,29 @@ class ModelRunner:
         return _HostInputs([input_ids, positions, slots, np.arange(count + 1, dtype=np.int32),
                             context_lens, tables], 1, int(context_lens.max()),
                            list(range(count)), seqs, [], rows, [], positions)
+
+    def _is_verify_only(self, batch: ScheduledBatch) -> bool:
+        k1 = 0 if self.speculator is None else self.speculator.k + 1
+        return bool(k1) and all(n == k1 for n in batch.num_new_tokens) and all(
+            len(s.draft_tokens) + 1 == k1 and not s.is_score for s in batch.seqs)
+
+    def _verify_host(self, batch: ScheduledBatch) -> _HostInputs:
+        """Every sequence computes its last token and its k drafts: vectorised."""
+        seqs, bs, k1 = batch.seqs, self.block_size, self.speculator.k + 1
+        count = len(seqs)
+        starts = np.array([s.num_computed_tokens for s in seqs], dtype=np.int64)
+        positions = (starts[:, None] + np.arange(k1)).ravel()
+        input_ids = np.array([[s.token_ids[-1], *s.draft_tokens] for s in seqs],
+                             dtype=np.int64).ravel()
+        tables = self._block_tables(batch)
+        seq_rows = np.repeat(np.arange(count), k1)
+        slots = tables[seq_rows, positions // bs].astype(np.int64) * bs + positions % bs
+        query_start = np.arange(count + 1, dtype=np.int32) * k1
+        context_lens = (starts + k1).astype(np.int32)
+        rows = [(seq, i * k1, int(p), k1) for i, (seq, p) in enumerate(zip(seqs, starts))]
+        return _HostInputs([input_ids, positions, slots, query_start, context_lens, tables],
+                           k1, int(context_lens.max()), [], [], [], rows,
+                           [(seq, i * k1) for i, seq in enumerate(seqs)], None)
 
     def _general_host(self, batch: ScheduledBatch) -> _HostInputs:
         input_ids, positions, slots, context_lens, query_start = [], [], [], [], [0]

@@ -24,8 +24,7 @@ import torch
 from ..kernels import AttentionMetadata, KernelOps
 from ..sampler.noise import row_uniforms_np, signed64
 from ..sampler.processing import processed_logprobs
-from ..sampler.sampler import inverse_cdf
-from ..sampler.speculative import verify
+from ..sampler.speculative import blocked_inverse_cdf, verify
 from .packing import upload_packed
 from .sequence import Sequence
 
@@ -133,8 +132,8 @@ class MTPSpeculator:
         """(drafts [R, k], draft logprobs [R, k, V]) still on the device when these rows
         hold exactly the last proposals; (None, None) otherwise."""
         last, self._last = self._last, None
-        if last is None or len(last.views) != len(seqs) or any(
-                s.draft_logprobs is not v for s, v in zip(seqs, last.views)):
+        if last is None or len(last.token_lists) != len(seqs) or any(
+                s.draft_tokens is not t for s, t in zip(seqs, last.token_lists)):
             return None, None
         return last.tokens, None if all_greedy else last.logprobs
 
@@ -161,17 +160,18 @@ class MTPSpeculator:
             previous = previous[plan.previous_rows]
         tokens, logps = [], []
         for j in range(self.k):
-            logp = processed_rows(self.model.compute_logits(previous), params)
-            token = draw_rows(logp, params, None if plan.uniforms is None else plan.uniforms[j])
+            token, logp = draft_rows(self.model.compute_logits(previous), params,
+                                     None if plan.uniforms is None else plan.uniforms[j])
             tokens.append(token)
             logps.append(logp)
             if j + 1 < self.k:
                 previous = self._chain_step(previous, token, plan, j)
         drafts = torch.stack(tokens, dim=1)
         token_lists = drafts.tolist()  # the step's second sync
-        stacked = torch.stack(logps, dim=1)
-        proposals = [Proposal(s, token_lists[i], stacked[i]) for i, s in enumerate(drafting)]
-        self._last = _LastDrafts([p.logprobs for p in proposals], drafts, stacked)
+        stacked = None if params.all_greedy else torch.stack(logps, dim=1)
+        proposals = [Proposal(s, token_lists[i], None if stacked is None else stacked[i])
+                     for i, s in enumerate(drafting)]
+        self._last = _LastDrafts(token_lists, drafts, stacked)
         return proposals
 
     def _catch_up(self, hidden, plan: "_DraftPlan") -> torch.Tensor:
@@ -208,23 +208,26 @@ def processed_rows(logits: torch.Tensor, params) -> torch.Tensor:
     return torch.where(params.greedy_rows, torch.log_softmax(logits, dim=-1), logp)
 
 
-def draw_rows(logp: torch.Tensor, params, uniforms: torch.Tensor | None) -> torch.Tensor:
-    """One token per row: the argmax for greedy rows, else the inverse-CDF draw."""
+def draft_rows(logits: torch.Tensor, params, uniforms: torch.Tensor | None):
+    """One draft token per row and the processed distribution it was drawn from: the
+    argmax for greedy rows, else an inverse-CDF draw. All-greedy rows need no
+    distribution (verification only compares argmaxes): (tokens, None)."""
     if params.all_greedy:
-        return logp.argmax(dim=-1)
-    token = inverse_cdf(logp, uniforms)
-    if not params.any_greedy:
-        return token
-    return torch.where(params.greedy, logp.argmax(dim=-1), token)
+        return logits.argmax(dim=-1), None
+    logp = processed_rows(logits, params)
+    token = blocked_inverse_cdf(logp.exp(), uniforms)
+    if params.any_greedy:
+        token = torch.where(params.greedy, logp.argmax(dim=-1), token)
+    return token, logp
 
 
 @dataclass
 class _LastDrafts:
     """The last proposals' device tensors, for the next verify of the same rows."""
 
-    views: list[torch.Tensor]  # each proposal's logprobs (identity marks the proposal)
+    token_lists: list[list[int]]  # each proposal's drafts (identity marks the proposal)
     tokens: torch.Tensor  # [R, k] int64
-    logprobs: torch.Tensor  # [R, k, V]
+    logprobs: torch.Tensor | None  # [R, k, V]; None when every row is greedy
 
 
 class _RowParams:

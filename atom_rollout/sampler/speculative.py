@@ -58,17 +58,39 @@ def verify(target_logp: torch.Tensor, draft_logp: torch.Tensor | None,
 
 def _final_token(target_logp, draft_logp, num_accepted, uniforms, greedy, target_argmax):
     """The token after the accepted run: residual sample at a rejection, bonus otherwise."""
-    rows, k = draft_logp.shape[:2]
+    k = draft_logp.shape[1]
     index = num_accepted[:, None, None].expand(-1, 1, target_logp.shape[-1])
-    p = target_logp.gather(1, index)[:, 0].double().exp()
-    q = draft_logp.gather(1, index.clamp(max=k - 1))[:, 0].double().exp()
+    p = target_logp.gather(1, index)[:, 0].exp()
+    q = draft_logp.gather(1, index.clamp(max=k - 1))[:, 0].exp()
     rejected = (num_accepted < k)[:, None]
     residual = torch.where(rejected, (p - q).clamp(min=0), p)
     # p == q everywhere makes a rejection impossible; the guard only keeps rounding sane.
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
-    cdf = residual.cumsum(dim=-1)
-    token = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True)[:, 0]
-    token = token.clamp(max=cdf.shape[-1] - 1)
-    landed_outside = residual.gather(-1, token[:, None])[:, 0] == 0
-    token = torch.where(landed_outside, residual.argmax(dim=-1), token)
+    token = blocked_inverse_cdf(residual, uniforms)
     return torch.where(greedy, target_argmax.gather(1, num_accepted[:, None])[:, 0], token)
+
+
+def blocked_inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor,
+                        block: int = 1024) -> torch.Tensor:
+    """Per row, the first token whose cumulative weight exceeds uniform * total weight.
+
+    weights [R, V] non-negative, unnormalised (float32 is enough: sums are float64);
+    uniforms [R] float64 in (0, 1). Two levels instead of a float64 scan over the
+    whole vocabulary: block sums, their cumulative sum, then the scan of one block.
+    A token of zero weight is never returned unless the row has no weight at all."""
+    rows, vocab = weights.shape
+    padded = weights if vocab % block == 0 else \
+        torch.nn.functional.pad(weights, (0, -vocab % block))
+    blocks = padded.view(rows, -1, block)
+    sums = blocks.sum(dim=-1, dtype=torch.float64)  # [R, blocks]
+    cdf = sums.cumsum(dim=-1)
+    target = (uniforms * cdf[:, -1])[:, None]
+    chosen = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[1] - 1)  # [R, 1]
+    before = cdf.gather(1, chosen) - sums.gather(1, chosen)
+    inner = blocks[torch.arange(rows, device=weights.device), chosen[:, 0]].double()
+    inner = inner.cumsum(dim=-1) + before  # [R, block]
+    offset = torch.searchsorted(inner, target, right=True).clamp(max=block - 1)
+    token = (chosen * block + offset)[:, 0].clamp(max=vocab - 1)
+    # Rounding at a block's or the row's end could land on a zero-weight token.
+    landed_outside = weights.gather(1, token[:, None])[:, 0] == 0
+    return torch.where(landed_outside, weights.argmax(dim=-1), token)
