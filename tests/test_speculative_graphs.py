@@ -196,3 +196,26 @@ def test_gpu_speculative_graphs_sampled_logprobs(mtp_checkpoint, k, batch):
     _assert_processed_logprobs(model, prompts, outs, params, 1e-3)
     eager = _gpu_engine(model_dir, "float32", num_speculative_tokens=k, enforce_eager=True)
     _assert_same(outs, eager.generate_batch(prompts, params), 1e-3)
+
+
+def test_cpu_fused_drafts_of_a_sequence_left_out_are_copied_out(mtp_checkpoint):
+    """Draft distributions live in rows of one buffer that the next fused step rewrites;
+    a sequence that step leaves out keeps a copy of its own."""
+    from atom_rollout.engine.speculation import BufferedDraft, draft_distributions
+    model_dir, _ = mtp_checkpoint
+    engine = RolloutEngine(model_dir, device="cpu", show_progress=False,
+                           num_speculative_tokens=2)
+    _cpu_graphs(engine, (3,))
+    core, fused = engine.core, engine.core.runner.fused_speculation
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=30, ignore_eos=True, seed=1)
+    seqs = core.add_request("r", PROMPTS[0], params)
+    while fused.num_steps == 0:
+        core.step()
+    assert all(isinstance(s.draft_logprobs, BufferedDraft) for s in seqs)
+    before = draft_distributions(seqs[0].draft_logprobs).clone()
+    fused._copy_out_leavers(seqs[1:])
+    assert isinstance(seqs[0].draft_logprobs, torch.Tensor)
+    assert isinstance(seqs[1].draft_logprobs, BufferedDraft)
+    with torch.inference_mode():
+        fused._rows.draft_logp.fill_(0.0)
+    assert torch.equal(seqs[0].draft_logprobs, before)

@@ -29,8 +29,9 @@ from ..sampler.speculative import verify
 from .cuda_graphs import DecodeGraphs
 from .packing import upload_packed
 from .sequence import Sequence
-from .speculation import (_ACCEPT_SALT, _DRAFT_SALT, _FINAL_SALT, _SPEC_KEY, MTPSpeculator,
-                          Proposal, Verified, draft_rows, processed_rows)
+from .speculation import (_ACCEPT_SALT, _DRAFT_SALT, _FINAL_SALT, _SPEC_KEY, BufferedDraft,
+                          MTPSpeculator, Proposal, Verified, draft_distributions, draft_rows,
+                          processed_rows)
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,7 @@ class FusedSpeculation:
         self._graphs: DecodeGraphs | None = None
         self._tails: dict[_Mode, _Tail] = {}
         self._seqs: list[Sequence] = []  # the last step's rows
-        self._views: list[torch.Tensor | None] = []  # the draft views handed to them
+        self._views: list[BufferedDraft | None] = []  # the drafts handed to them
         self.num_steps = 0
 
     def step(self, graphs: DecodeGraphs, inputs, seqs: list[Sequence]):
@@ -210,15 +211,24 @@ class FusedSpeculation:
         same_rows = len(seqs) == len(self._seqs) and all(
             a is b for a, b in zip(seqs, self._seqs))
         if not same_rows:
+            self._copy_out_leavers(seqs)
             rows.load(seqs)
         if not mode.all_greedy and not (same_rows and all(
                 s.draft_logprobs is v for s, v in zip(seqs, self._views))):
             # drafts proposed by the eager path, or rows moved: gather them (stack first,
-            # as the sources may be views of the buffer itself)
-            stacked = torch.stack([s.draft_logprobs for s in seqs])
+            # as the sources may be rows of the buffer itself)
+            stacked = torch.stack([draft_distributions(s.draft_logprobs) for s in seqs])
             rows.draft_buffer(stacked.shape[-1])[:len(seqs)].copy_(stacked)
         self.spec.forget_drafts()
         return rows, mode
+
+    def _copy_out_leavers(self, seqs: list[Sequence]) -> None:
+        """Sequences of the last step left out of this one keep their drafts' buffer rows,
+        which this step overwrites: give them copies."""
+        staying = {id(s) for s in seqs}
+        for seq, view in zip(self._seqs, self._views):
+            if view is not None and id(seq) not in staying and seq.draft_logprobs is view:
+                seq.draft_logprobs = view.tensor().clone()
 
     def _tail(self, mode: _Mode) -> _Tail:
         tail = self._tails.get(mode)
@@ -232,7 +242,8 @@ class FusedSpeculation:
         tokens = host[:, :k1].astype(np.int64).tolist()
         logprobs = host[:, k1:2 * k1].tolist()
         drafts = host[:, 2 * k1 + 1:].astype(np.int64).tolist()
-        views = [None] * len(seqs) if mode.all_greedy else list(rows.draft_logp[:len(seqs)])
+        views = [None] * len(seqs) if mode.all_greedy else \
+            [BufferedDraft(rows.draft_logp, i) for i in range(len(seqs))]
         verified = [Verified(s, tokens[i][:accepted[i] + 1], logprobs[i][:accepted[i] + 1],
                              accepted[i]) for i, s in enumerate(seqs)]
         proposals = [Proposal(s, drafts[i], views[i]) for i, s in enumerate(seqs)]

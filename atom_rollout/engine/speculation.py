@@ -44,7 +44,27 @@ class Verified:
 class Proposal:
     seq: Sequence
     token_ids: list[int]
-    logprobs: torch.Tensor | None  # [k, V] processed draft distributions (None: greedy)
+    logprobs: torch.Tensor | BufferedDraft | None  # [k, V] processed draft distributions
+    # (None: greedy rows, which need none)
+
+
+class BufferedDraft:
+    """A sequence's draft distributions kept as one row of a shared [B, k, V] buffer
+    (engine/fused_speculation.py); its owner copies them out before it overwrites a row
+    whose sequence still needs it."""
+
+    __slots__ = ("buffer", "row")
+
+    def __init__(self, buffer: torch.Tensor, row: int):
+        self.buffer, self.row = buffer, row
+
+    def tensor(self) -> torch.Tensor:
+        return self.buffer[self.row]
+
+
+def draft_distributions(value) -> torch.Tensor:
+    """A sequence's draft_logprobs as a [k, V] tensor."""
+    return value.tensor() if isinstance(value, BufferedDraft) else value
 
 
 @dataclass
@@ -100,7 +120,7 @@ class MTPSpeculator:
         if drafts is None:
             drafts = views["drafts"]
             draft_logp = None if params.all_greedy else \
-                torch.stack([s.draft_logprobs for s in seqs])
+                torch.stack([draft_distributions(s.draft_logprobs) for s in seqs])
         uniforms = views.get("uniforms")  # [k + 1, R]: k accept draws, then the final one
         out = verify(target.view(len(seqs), k1, -1), draft_logp, drafts,
                      None if uniforms is None else uniforms[:k].t(),
