@@ -91,6 +91,7 @@ class _StaticRows:
         self.chain_query_start = torch.arange(max_batch + 1, dtype=torch.int32, **new)
         salts = [_ACCEPT_SALT + i for i in range(k)] + [_FINAL_SALT]  # verify's k + 1 draws
         self.verify_salts = torch.tensor(salts, dtype=torch.int64, **new)
+        self.draft_salts = torch.arange(k, dtype=torch.int64, **new) + _DRAFT_SALT
         self.max_batch, self.k, self.device = max_batch, k, device
         self.draft_logp: torch.Tensor | None = None  # [max_batch, k, V], on first sampled use
 
@@ -160,11 +161,12 @@ class _Tail:
         k, bs = self.spec.k, graphs.block_size
         tables = graphs.block_tables[:size]
         arange = torch.arange(size, device=previous.device)
+        uniforms = None if self.mode.all_greedy else _uniforms(  # [size, k], one per draft
+            self.rows.keys[:size, None], counters[:, None] * 16 + self.rows.draft_salts)
         drafts = []
         for j in range(k):
-            uniforms = None if self.mode.all_greedy else _uniforms(
-                self.rows.keys[:size], counters * 16 + _DRAFT_SALT + j)
-            token, logp = draft_rows(self.spec.model.compute_logits(previous), params, uniforms)
+            token, logp = draft_rows(self.spec.model.compute_logits(previous), params,
+                                     None if uniforms is None else uniforms[:, j])
             drafts.append(token)
             if logp is not None:
                 self.rows.draft_buffer(logp.shape[-1])[:size, j].copy_(logp)
