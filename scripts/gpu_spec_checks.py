@@ -58,12 +58,16 @@ class Engine:
         self.replays: dict[int, int] = {}
         graphs = self.engine.core.runner.graphs
         if graphs is not None:
-            run = graphs.run
+            run, run_with_tail = graphs.run, graphs.run_with_tail
 
             def counted(query_len, *args):
                 self.replays[query_len] = self.replays.get(query_len, 0) + 1
                 return run(query_len, *args)
-            graphs.run = counted
+
+            def counted_tail(tail, query_len, *args):  # a fused speculative step
+                self.replays[query_len] = self.replays.get(query_len, 0) + 1
+                return run_with_tail(tail, query_len, *args)
+            graphs.run, graphs.run_with_tail = counted, counted_tail
 
     def generate(self, prompts, params):
         """Outputs, graph replays per query length and draft acceptance of this run."""
