@@ -8,7 +8,10 @@ emitted after them) gets its MTP row ("catch-up"); the last row proposes the fir
 and k - 1 single-row MTP steps chain the rest. Verification is exact rejection sampling
 (sampler/speculative.py) on the same processed distributions the drafts were drawn from.
 
-Host cost per step: at most one host->device copy before the verification readback
+This is the eager path, for steps of mixed shapes; a step in which every sequence
+verifies k drafts runs as one CUDA graph instead (fused_speculation.py), drawing the
+same tokens. Host cost per step here: at most one host->device copy before the
+verification readback
 (its uniforms, see verify) and one after it (the catch-up's and the whole draft chain's
 metadata and uniforms, see _DraftPlan); per-sequence settings are uploaded once per batch
 composition (_RowParams).
@@ -93,8 +96,8 @@ class StepTables:
 
 
 class MTPSpeculator:
-    """Host syncs per step: one for the verification result, one for the new drafts.
-    Every host -> device copy is non-blocking (pinned memory)."""
+    """The eager path's host syncs per step: one for the verification result, one for the
+    new drafts. Every host -> device copy is non-blocking (pinned memory)."""
 
     def __init__(self, model, ops: KernelOps, mtp_kv, num_draft: int, block_size: int,
                  device: torch.device):
