@@ -152,8 +152,9 @@ class _Tail:
             return verify(target, None, drafts, None, None, params.greedy, all_greedy=True)
         uniforms = _uniforms(self.rows.keys[:size, None],
                              counters[:, None] * 16 + self.rows.verify_salts)  # [size, k1]
-        return verify(target, self.rows.draft_buffer(target.shape[-1])[:size], drafts, uniforms[:, :k],
-                      uniforms[:, k], params.greedy)
+        draft_logp = self.rows.draft_buffer(target.shape[-1])[:size]
+        return verify(target, draft_logp, drafts, uniforms[:, :k], uniforms[:, k],
+                      params.greedy)
 
     def _chain(self, graphs, previous, size, params: _Params, counters, first, live):
         """k drafts per row; the MTP layer runs k - 1 times, one row per sequence, at
@@ -192,6 +193,7 @@ class FusedSpeculation:
         self._tails: dict[_Mode, _Tail] = {}
         self._seqs: list[Sequence] = []  # the last step's rows
         self._views: list[BufferedDraft | None] = []  # the drafts handed to them
+        self._mode: _Mode | None = None  # of those rows
         self.num_steps = 0
 
     def step(self, graphs: DecodeGraphs, inputs, seqs: list[Sequence]):
@@ -209,12 +211,14 @@ class FusedSpeculation:
         if self._graphs is not graphs:  # new graphs (e.g. after wake_up): new buffers
             self._graphs, self._tails, self._seqs = graphs, {}, []
             self._rows = _StaticRows(graphs.max_batch, self.spec.k, graphs.input_ids.device)
-        rows, mode = self._rows, _Mode.of(seqs)
+        rows = self._rows
         same_rows = len(seqs) == len(self._seqs) and all(
             a is b for a, b in zip(seqs, self._seqs))
         if not same_rows:
             self._copy_out_leavers(seqs)
             rows.load(seqs)
+            self._mode = _Mode.of(seqs)
+        mode = self._mode
         if not mode.all_greedy and not (same_rows and all(
                 s.draft_logprobs is v for s, v in zip(seqs, self._views))):
             # drafts proposed by the eager path, or rows moved: gather them (stack first,
