@@ -30,37 +30,15 @@ from .cuda_graphs import DecodeGraphs
 from .packing import upload_packed
 from .sequence import Sequence
 from .speculation import (_ACCEPT_SALT, _DRAFT_SALT, _FINAL_SALT, _SPEC_KEY, BufferedDraft,
-                          MTPSpeculator, Proposal, Verified, draft_distributions, draft_rows,
-                          processed_rows)
-
-
-@dataclass(frozen=True)
-class _Mode:
-    """Host flags a graph is specialised for (its tail key)."""
-
-    all_greedy: bool
-    any_greedy: bool
-    use_sort: bool
-    use_min_p: bool
-
-    @classmethod
-    def of(cls, seqs: list[Sequence]) -> "_Mode":
-        params = [s.params for s in seqs]
-        if all(p.greedy for p in params):
-            return cls(True, True, False, False)
-        return cls(False, any(p.greedy for p in params),
-                   any(p.top_k > 0 or p.top_p < 1 for p in params),
-                   any(p.min_p > 0 for p in params))
+                          MTPSpeculator, Proposal, RowKind, Verified, draft_distributions,
+                          draft_rows, processed_rows)
 
 
 @dataclass
 class _Params:
     """processed_rows / draft_rows parameters over static buffers."""
 
-    all_greedy: bool
-    any_greedy: bool
-    use_sort: bool
-    use_min_p: bool
+    kind: RowKind
     temperature: torch.Tensor
     top_k: torch.Tensor
     top_p: torch.Tensor
@@ -73,8 +51,8 @@ class _Params:
     def repeated(self, times: int) -> "_Params":
         def rep(values):
             return values[:, None].expand(-1, times).reshape(-1)
-        return _Params(self.all_greedy, self.any_greedy, self.use_sort, self.use_min_p,
-                       rep(self.temperature), rep(self.top_k), rep(self.top_p), rep(self.min_p))
+        return _Params(self.kind, rep(self.temperature), rep(self.top_k), rep(self.top_p),
+                       rep(self.min_p))
 
 
 class _StaticRows:
@@ -108,9 +86,8 @@ class _StaticRows:
         for target, view in zip(targets, upload_packed(host, self.device)):
             target[:len(seqs)].copy_(view, non_blocking=True)
 
-    def params(self, size: int, mode: _Mode) -> _Params:
-        return _Params(mode.all_greedy, mode.any_greedy, mode.use_sort, mode.use_min_p,
-                       self.temperature[:size], self.top_k[:size], self.top_p[:size],
+    def params(self, size: int, kind: RowKind) -> _Params:
+        return _Params(kind, self.temperature[:size], self.top_k[:size], self.top_p[:size],
                        self.min_p[:size])
 
     def draft_buffer(self, vocab: int) -> torch.Tensor:
@@ -123,14 +100,14 @@ class _StaticRows:
 class _Tail:
     """The device work after the verify forward (see the module docstring)."""
 
-    def __init__(self, speculator: MTPSpeculator, rows: _StaticRows, mode: _Mode):
-        self.spec, self.rows, self.mode, self.key = speculator, rows, mode, ("spec", mode)
+    def __init__(self, speculator: MTPSpeculator, rows: _StaticRows, kind: RowKind):
+        self.spec, self.rows, self.kind, self.key = speculator, rows, kind, ("spec", kind)
 
     def __call__(self, graphs: DecodeGraphs, hidden: torch.Tensor, size: int) -> torch.Tensor:
         k1 = self.spec.k + 1
         tokens = size * k1
         starts = graphs.positions[:tokens].view(size, k1)[:, 0]
-        params = self.rows.params(size, self.mode)
+        params = self.rows.params(size, self.kind)
         counters = starts + 1 - self.rows.prompt_lens[:size]  # output tokens so far
         out = self._verify(graphs, hidden, size, params, counters)
         mtp = self.spec.run_mtp(hidden, out.token_ids.clamp(min=0).view(-1),
@@ -148,7 +125,7 @@ class _Tail:
         logits = self.spec.model.compute_logits(hidden)
         target = processed_rows(logits, params.repeated(k1)).view(size, k1, -1)
         drafts = graphs.input_ids[:size * k1].view(size, k1)[:, 1:]
-        if self.mode.all_greedy:
+        if self.kind.all_greedy:
             return verify(target, None, drafts, None, None, params.greedy, all_greedy=True)
         uniforms = _uniforms(self.rows.keys[:size, None],
                              counters[:, None] * 16 + self.rows.verify_salts)  # [size, k1]
@@ -162,7 +139,7 @@ class _Tail:
         k, bs = self.spec.k, graphs.block_size
         tables = graphs.block_tables[:size]
         arange = torch.arange(size, device=previous.device)
-        uniforms = None if self.mode.all_greedy else _uniforms(  # [size, k], one per draft
+        uniforms = None if self.kind.all_greedy else _uniforms(  # [size, k], one per draft
             self.rows.keys[:size, None], counters[:, None] * 16 + self.rows.draft_salts)
         drafts = []
         for j in range(k):
@@ -190,22 +167,22 @@ class FusedSpeculation:
         self.spec = speculator
         self._rows: _StaticRows | None = None
         self._graphs: DecodeGraphs | None = None
-        self._tails: dict[_Mode, _Tail] = {}
+        self._tails: dict[RowKind, _Tail] = {}
         self._seqs: list[Sequence] = []  # the last step's rows
         self._views: list[BufferedDraft | None] = []  # the drafts handed to them
-        self._mode: _Mode | None = None  # of those rows
+        self._kind: RowKind | None = None  # of those rows
         self.num_steps = 0
 
     def step(self, graphs: DecodeGraphs, inputs, seqs: list[Sequence]):
         """(verified, proposals) of a batch in which every sequence verifies k drafts;
         inputs: the runner's device inputs of the step."""
-        rows, mode = self._prepare(graphs, seqs)
-        packed = graphs.run_with_tail(self._tail(mode), self.spec.k + 1, inputs.input_ids,
+        rows, kind = self._prepare(graphs, seqs)
+        packed = graphs.run_with_tail(self._tail(kind), self.spec.k + 1, inputs.input_ids,
                                       inputs.positions, inputs.slot_mapping,
                                       inputs.context_lens, inputs.block_tables)
         host = packed[:len(seqs)].cpu().numpy()  # the step's one sync
         self.num_steps += 1
-        return self._results(seqs, host, rows, mode)
+        return self._results(seqs, host, rows, kind)
 
     def _prepare(self, graphs: DecodeGraphs, seqs: list[Sequence]):
         if self._graphs is not graphs:  # new graphs (e.g. after wake_up): new buffers
@@ -217,16 +194,16 @@ class FusedSpeculation:
         if not same_rows:
             self._copy_out_leavers(seqs)
             rows.load(seqs)
-            self._mode = _Mode.of(seqs)
-        mode = self._mode
-        if not mode.all_greedy and not (same_rows and all(
+            self._kind = RowKind.of(seqs)
+        kind = self._kind
+        if not kind.all_greedy and not (same_rows and all(
                 s.draft_logprobs is v for s, v in zip(seqs, self._views))):
             # drafts proposed by the eager path, or rows moved: gather them (stack first,
             # as the sources may be rows of the buffer itself)
             stacked = torch.stack([draft_distributions(s.draft_logprobs) for s in seqs])
             rows.draft_buffer(stacked.shape[-1])[:len(seqs)].copy_(stacked)
         self.spec.forget_drafts()
-        return rows, mode
+        return rows, kind
 
     def _copy_out_leavers(self, seqs: list[Sequence]) -> None:
         """Sequences of the last step left out of this one keep their drafts' buffer rows,
@@ -236,19 +213,19 @@ class FusedSpeculation:
             if view is not None and id(seq) not in staying and seq.draft_logprobs is view:
                 seq.draft_logprobs = view.tensor().clone()
 
-    def _tail(self, mode: _Mode) -> _Tail:
-        tail = self._tails.get(mode)
+    def _tail(self, kind: RowKind) -> _Tail:
+        tail = self._tails.get(kind)
         if tail is None:
-            tail = self._tails[mode] = _Tail(self.spec, self._rows, mode)
+            tail = self._tails[kind] = _Tail(self.spec, self._rows, kind)
         return tail
 
-    def _results(self, seqs, host: np.ndarray, rows: _StaticRows, mode: _Mode):
+    def _results(self, seqs, host: np.ndarray, rows: _StaticRows, kind: RowKind):
         k1 = self.spec.k + 1
         accepted = host[:, 2 * k1].astype(np.int64).tolist()
         tokens = host[:, :k1].astype(np.int64).tolist()
         logprobs = host[:, k1:2 * k1].tolist()
         drafts = host[:, 2 * k1 + 1:].astype(np.int64).tolist()
-        views = [None] * len(seqs) if mode.all_greedy else \
+        views = [None] * len(seqs) if kind.all_greedy else \
             [BufferedDraft(rows.draft_logp, i) for i in range(len(seqs))]
         verified = [Verified(s, tokens[i][:accepted[i] + 1], logprobs[i][:accepted[i] + 1],
                              accepted[i]) for i, s in enumerate(seqs)]

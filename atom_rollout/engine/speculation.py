@@ -114,7 +114,7 @@ class MTPSpeculator:
         seqs = [seq for seq, _ in rows]
         k, k1 = self.k, self.k + 1
         params = self._row_params(seqs, k1)
-        drafts, draft_logp = self._last_drafts(seqs, params.all_greedy)
+        drafts, draft_logp = self._last_drafts(seqs, params.kind.all_greedy)
         arrays = self._verify_arrays(rows, seqs, params, drafts is None)
         views = dict(zip(arrays, upload_packed(list(arrays.values()), self.device))) \
             if arrays else {}
@@ -122,13 +122,13 @@ class MTPSpeculator:
         target = processed_rows(self.model.compute_logits(selected), params)
         if drafts is None:
             drafts = views["drafts"]
-            draft_logp = None if params.all_greedy else \
+            draft_logp = None if params.kind.all_greedy else \
                 torch.stack([draft_distributions(s.draft_logprobs) for s in seqs])
         uniforms = views.get("uniforms")  # [k + 1, R]: k accept draws, then the final one
         out = verify(target.view(len(seqs), k1, -1), draft_logp, drafts,
                      None if uniforms is None else uniforms[:k].t(),
                      None if uniforms is None else uniforms[k], params.greedy,
-                     all_greedy=params.all_greedy)
+                     all_greedy=params.kind.all_greedy)
         host = torch.cat([out.token_ids.double(), out.logprobs.double(),
                           out.num_accepted[:, None].double()], dim=1).cpu().numpy()  # one sync
         tokens = host[:, :k1].astype(np.int64).tolist()
@@ -145,7 +145,7 @@ class MTPSpeculator:
                               + np.arange(k1)).ravel()
         if need_drafts:
             arrays["drafts"] = np.array([s.draft_tokens for s in seqs], dtype=np.int64)
-        if not params.all_greedy:  # greedy rows never read their uniforms
+        if not params.kind.all_greedy:  # greedy rows never read their uniforms
             counters = np.array([s.num_output_tokens for s in seqs], dtype=np.int64)
             salts = np.array([_ACCEPT_SALT + i for i in range(self.k)] + [_FINAL_SALT])
             arrays["uniforms"] = params.uniforms(counters, salts)
@@ -191,7 +191,7 @@ class MTPSpeculator:
                 previous = self._chain_step(previous, token, plan, j)
         drafts = torch.stack(tokens, dim=1)
         token_lists = drafts.tolist()  # the step's second sync
-        stacked = None if params.all_greedy else torch.stack(logps, dim=1)
+        stacked = None if params.kind.all_greedy else torch.stack(logps, dim=1)
         proposals = [Proposal(s, token_lists[i], None if stacked is None else stacked[i])
                      for i, s in enumerate(drafting)]
         self._last = _LastDrafts(token_lists, drafts, stacked)
@@ -219,14 +219,35 @@ class MTPSpeculator:
         return cached
 
 
+@dataclass(frozen=True)
+class RowKind:
+    """The host flags of a set of rows that decide which processing runs (and which
+    graph variant a fused step replays)."""
+
+    all_greedy: bool
+    any_greedy: bool
+    use_sort: bool  # some row filters by top-k or top-p
+    use_min_p: bool
+
+    @classmethod
+    def of(cls, seqs: list[Sequence]) -> "RowKind":
+        params = [s.params for s in seqs]
+        if all(p.greedy for p in params):
+            return cls(True, True, False, False)
+        return cls(False, any(p.greedy for p in params),
+                   any(p.top_k > 0 or p.top_p < 1 for p in params),
+                   any(p.min_p > 0 for p in params))
+
+
 def processed_rows(logits: torch.Tensor, params) -> torch.Tensor:
     """Processed log-probs per row (greedy rows: the plain log-softmax). params: a
-    _RowParams or anything with its attributes (host flags and per-row device tensors)."""
-    if params.all_greedy:
+    _RowParams or anything with its attributes (a RowKind and per-row device tensors)."""
+    kind = params.kind
+    if kind.all_greedy:
         return torch.log_softmax(logits, dim=-1)
     logp = processed_logprobs(logits, params.temperature, params.top_k, params.top_p,
-                              params.min_p, params.use_sort, params.use_min_p)
-    if not params.any_greedy:
+                              params.min_p, kind.use_sort, kind.use_min_p)
+    if not kind.any_greedy:
         return logp
     return torch.where(params.greedy_rows, torch.log_softmax(logits, dim=-1), logp)
 
@@ -235,11 +256,11 @@ def draft_rows(logits: torch.Tensor, params, uniforms: torch.Tensor | None):
     """One draft token per row and the processed distribution it was drawn from: the
     argmax for greedy rows, else an inverse-CDF draw. All-greedy rows need no
     distribution (verification only compares argmaxes): (tokens, None)."""
-    if params.all_greedy:
+    if params.kind.all_greedy:
         return logits.argmax(dim=-1), None
     logp = processed_rows(logits, params)
     token = blocked_inverse_cdf(logp.exp(), uniforms)
-    if params.any_greedy:
+    if params.kind.any_greedy:
         token = torch.where(params.greedy, logp.argmax(dim=-1), token)
     return token, logp
 
@@ -260,11 +281,8 @@ class _RowParams:
     def __init__(self, seqs: list[Sequence], repeat: int, device: torch.device):
         self.seqs = list(seqs)
         params = [s.params for s in seqs]
-        self.all_greedy = all(p.greedy for p in params)
-        self.any_greedy = any(p.greedy for p in params)
-        self.use_sort = any(p.top_k > 0 or p.top_p < 1 for p in params)
-        self.use_min_p = any(p.min_p > 0 for p in params)
-        if self.all_greedy:
+        self.kind = RowKind.of(seqs)
+        if self.kind.all_greedy:
             self.greedy = torch.ones(len(seqs), dtype=torch.bool, device=device)
             return
         self.keys = np.array([signed64(s.noise_key ^ _SPEC_KEY) for s in seqs], dtype=np.int64)
@@ -349,7 +367,7 @@ class _DraftPlan:
         arrays["chain_query_start"] = np.arange(len(drafting) + 1, dtype=np.int32)
         if len(drafting) != len(catch_up):  # shorter than the batch: rows is not None
             arrays["chain_table_rows"] = tables.rows(drafting)
-        if not params.all_greedy:
+        if not params.kind.all_greedy:
             counters = np.array([next_counter[id(s)] for s in drafting], dtype=np.int64)
             salts = np.array([_DRAFT_SALT + j for j in range(k)])
             arrays["uniforms"] = params.uniforms(counters, salts)
