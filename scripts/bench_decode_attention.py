@@ -29,9 +29,11 @@ from bench_util import graph_us, json_safe  # noqa: E402
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 16, 8, 128, 16
 
 
-def decode_inputs(batch: int, shortest: int, device) -> tuple:
+def decode_inputs(batch: int, shortest: int, device, longest_first: bool = False) -> tuple:
     from atom_rollout.kernels import AttentionMetadata
     ctx = torch.randint(shortest, 2049, (batch,))
+    if longest_first:
+        ctx = ctx.sort(descending=True).values
     pages = (ctx + PAGE - 1) // PAGE
     total = int(pages.sum())
     order = torch.randperm(total)
@@ -53,10 +55,11 @@ def decode_inputs(batch: int, shortest: int, device) -> tuple:
     return query, k_cache, v_cache, meta, kv_bytes
 
 
-def sweep(batch: int, shortest: int, full: bool, device) -> list[dict]:
+def sweep(batch: int, shortest: int, full: bool, device, longest_first: bool) -> list[dict]:
     from atom_rollout.kernels.triton import TritonOps, attention as attn
     ops = TritonOps()
-    query, k_cache, v_cache, meta, kv_bytes = decode_inputs(batch, shortest, device)
+    query, k_cache, v_cache, meta, kv_bytes = decode_inputs(batch, shortest, device,
+                                                             longest_first)
     scale = HEAD_DIM ** -0.5
     expected = ops.attention(query, k_cache, v_cache, meta, scale).float()
     default_us = graph_us(lambda: ops.attention(query, k_cache, v_cache, meta, scale), 20, True)
@@ -88,9 +91,16 @@ def main() -> int:
     parser.add_argument("--batches", default="256,128,64,32,16")
     parser.add_argument("--full", action="store_true", help="sweep warps and stages too")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--no-order", action="store_true",
+                        help="sequences in batch order, not longest context first")
+    parser.add_argument("--longest-first-inputs", action="store_true",
+                        help="hand the batch over already sorted by context length")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
+    if args.no_order:
+        from atom_rollout.kernels.triton import attention
+        attention.ORDER_MIN_SEQS = 1 << 30
     torch.manual_seed(0)
     device = torch.device("cuda")
     results = []
@@ -98,7 +108,7 @@ def main() -> int:
           "(block_n/warps/stages/splits; us per call in a graph; KV GB/s)")
     for batch, shortest in itertools.product((int(b) for b in args.batches.split(",")),
                                              (100, 1024)):
-        rows = sweep(batch, shortest, args.full, device)
+        rows = sweep(batch, shortest, args.full, device, args.longest_first_inputs)
         results += rows
         ok = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
         default = rows[0]
@@ -107,7 +117,8 @@ def main() -> int:
         for r in ok[:4]:
             print(f"  {r['config']:<14} {r['us']:8.1f} us {r['GBps']:6.0f} GB/s "
                   f"diff {r['diff']:.1e}")
-    out = Path(args.out) / "decode_attention.json"
+    name = "decode_attention" + ("_no_order" if args.no_order else "")
+    out = Path(args.out) / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": torch.cuda.get_device_name(),
                                "rows": json_safe(results)}, indent=1))

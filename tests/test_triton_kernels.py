@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 from atom_rollout.kernels import AttentionMetadata, TorchOps, unfused_prepare_qkv  # noqa: E402
 from atom_rollout.kernels.triton import TritonOps, is_available  # noqa: E402
 from atom_rollout.kernels.triton.attention import (  # noqa: E402
-    TileConfig, choose_num_splits, paged_attention)
+    ORDER_MIN_SEQS, TileConfig, choose_num_splits, paged_attention)
 from atom_rollout.models.decoder import Attention, DecoderSpec  # noqa: E402
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -122,6 +122,26 @@ def test_attention_split_kv(ref, batch, num_splits):
     inputs = attention_inputs(*BATCHES[batch], 4, 2, 64, 16, torch.float32)
     out = paged_attention(*inputs, scale=64 ** -0.5, num_splits=num_splits)
     check_attention(ref, out, *inputs)
+
+
+@pytest.mark.parametrize("query_len", [1, 3])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_attention_decode_longest_first(ref, query_len, num_splits):
+    """From ORDER_MIN_SEQS sequences up the decode grid walks them longest first; every
+    sequence must still get exactly its own output (ties and padding-like rows too)."""
+    gen = torch.Generator().manual_seed(query_len * 10 + num_splits)
+    num_seqs = ORDER_MIN_SEQS + 3
+    context_lens = (torch.randint(query_len, 90, (num_seqs,), generator=gen)).tolist()
+    context_lens[3] = context_lens[7] = 41  # a tie
+    context_lens[-1] = query_len  # a graph's padding row: q keys only
+    inputs = attention_inputs([query_len] * num_seqs, context_lens, 4, 2, 64, 16,
+                              torch.float32)
+    out = paged_attention(*inputs, scale=64 ** -0.5, num_splits=num_splits)
+    check_attention(ref, out, *inputs)
+    order = inputs[3].longest_first.tolist()
+    assert sorted(order) == list(range(num_seqs))
+    assert [context_lens[i] for i in order] == sorted(context_lens, reverse=True)
+    assert order.index(3) < order.index(7)  # stable
 
 
 @pytest.mark.parametrize("seed", range(4))

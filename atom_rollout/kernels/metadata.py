@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -28,3 +29,10 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return self.context_lens.shape[0]
+
+    @cached_property
+    def longest_first(self) -> torch.Tensor:
+        """[B] int32 sequence indices by descending context length (ties by index),
+        computed once per step on first use, for kernels that schedule long
+        sequences first."""
+        return torch.argsort(self.context_lens, descending=True, stable=True).to(torch.int32)
