@@ -1,6 +1,11 @@
 """Does prefetching the next weight into L2 (side stream, inside the CUDA graph) speed up a
 decode step's chain of projections? Times a layer stack of real projection shapes
 (random bf16 weights, F.linear = cuBLAS, a few pointwise kernels between) per variant.
+The idea: a batch-1 GEMV pays DRAM latency and ramp-up before it streams its weight
+(H100: 4 MB in 5.5 us where 4 MB / 3 TB/s is 1.4 us); a prefetch one matrix ahead could
+overlap that with the current kernel. Measured on an H100 (docs/results/l2_prefetch_h100.json):
+every variant was slower (batch 1: 839 -> 942 us per 28-layer step with per-line
+prefetch, 1,238 us with Hopper's bulk prefetch), so the engine does not prefetch.
 
   python scripts/bench_l2_prefetch.py            # writes $OUT/l2_prefetch.json if set
 """
@@ -12,8 +17,51 @@ import statistics
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-from atom_rollout.kernels.triton.prefetch import prefetch_l2
+CHUNK_BYTES = 16384
+LANES = 128  # chunks per program
+
+
+@triton.jit
+def _bulk_prefetch_kernel(base_addr, n_bytes, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    offsets = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64) * CHUNK
+    sizes = tl.minimum(n_bytes - offsets, CHUNK)
+    sizes = tl.where(sizes > 0, sizes, 0).to(tl.int32) // 16 * 16
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.gt.s32 p, $2, 0; "
+        "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r", [base_addr + offsets, sizes], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _line_prefetch_kernel(base_addr, n_bytes, BLOCK: tl.constexpr):
+    offsets = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64) * 128
+    live = (offsets < n_bytes).to(tl.int32)
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.s32 p, $2, 0; "
+        "@p prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0; }",
+        "=r,l,r", [base_addr + offsets, live], dtype=tl.int32, is_pure=False, pack=1)
+
+
+def prefetch_l2(tensor: torch.Tensor, max_bytes: int | None = None,
+                kind: str = "bulk") -> None:
+    """Asks L2 to fetch the first max_bytes (default all) of a contiguous CUDA tensor.
+    Only a hint: it changes no value, and nothing waits for it."""
+    n_bytes = tensor.numel() * tensor.element_size()
+    if max_bytes is not None:
+        n_bytes = min(n_bytes, max_bytes)
+    if n_bytes <= 0:
+        return
+    if kind == "bulk":
+        grid = (triton.cdiv(n_bytes, CHUNK_BYTES * LANES),)
+        _bulk_prefetch_kernel[grid](tensor.data_ptr(), n_bytes, CHUNK=CHUNK_BYTES, BLOCK=LANES,
+                                    num_warps=4)
+    else:
+        grid = (triton.cdiv(n_bytes, 128 * 1024),)
+        _line_prefetch_kernel[grid](tensor.data_ptr(), n_bytes, BLOCK=1024, num_warps=8)
+
 
 SHAPES = {  # hidden, intermediate, q size, kv size, layers
     "qwen3-0.6b": (1024, 3072, 2048, 1024, 28),
@@ -109,7 +157,7 @@ def main() -> None:
             rows.append(dict(shape=shape, batch=batch, variant="cublaslt", us_per_step=us,
                              us_per_layer=us / len(layers)))
             print(f"{shape:10s} b{batch:<4d} {'cublaslt':16s} {us:9.1f} us", flush=True)
-        del layers
+        layers = None  # frees the weights before the next shape
         torch.cuda.empty_cache()
     result = dict(device=torch.cuda.get_device_name(), rows=rows)
     out = os.environ.get("OUT")
