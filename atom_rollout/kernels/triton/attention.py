@@ -211,7 +211,9 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     decode = meta.max_query_len <= DECODE_MAX_QUERY_LEN
     split = num_splits > 1
     part_acc, part_m, part_l = _split_buffers(query, num_splits) if split else (out, out, out)
-    q_blocks_per_seq = triton.cdiv(max(1, meta.max_query_len), config.block_q)
+    # 1 where unused: Triton specialises integer arguments by value class, so a varying
+    # unused one would compile prefill variants for nothing
+    q_blocks_per_seq = triton.cdiv(meta.max_query_len, config.block_q) if decode else 1
     grid = ((kv_heads * num_splits, meta.num_seqs * q_blocks_per_seq) if decode
             else (num_tokens // config.block_q + meta.num_seqs, kv_heads, num_splits))
     ordered = decode and meta.num_seqs >= ORDER_MIN_SEQS
