@@ -7,6 +7,8 @@ the same workload (prefix cache reset before each), out tok/s of each.
 from __future__ import annotations
 
 import argparse
+import glob
+import os
 import statistics
 import time
 
@@ -28,6 +30,12 @@ def timed_run(engine: RolloutEngine, work) -> float:
     return sum(len(s.token_ids) for o in outs for s in o.samples) / (time.perf_counter() - start)
 
 
+def _triton_cache_entries() -> set[str]:
+    """Compiled-kernel metadata files in Triton's cache (one per compiled variant)."""
+    cache = os.environ.get("TRITON_CACHE_DIR", os.path.expanduser("~/.triton/cache"))
+    return set(glob.glob(os.path.join(cache, "*", "*.json")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen3-0.6b")
@@ -42,7 +50,11 @@ def main() -> None:
     print(f"engine start-up {time.perf_counter() - start:.1f} s")
     vocab = engine.core.vocab_size
     work = workloads.generate_workload(args.workload, vocab, args.smoke)
+    compiled = _triton_cache_entries()
     print(f"cold {timed_run(engine, work):,.0f} out tok/s")
+    new = sorted(_triton_cache_entries() - compiled)
+    print(f"Triton kernels compiled during the cold run: {len(new)} "
+          + " ".join(name.rsplit("/", 1)[-1] for name in new))
     rates = [timed_run(engine, work) for _ in range(args.runs)]
     print("warm " + " ".join(f"{r:,.0f}" for r in rates)
           + f" out tok/s; median {statistics.median(rates):,.0f}, min {min(rates):,.0f}")
