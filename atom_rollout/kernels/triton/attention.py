@@ -45,7 +45,10 @@ def _find_seq(query_start_loc, q_block_id, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+# Per-batch integers stay unspecialised: Triton would otherwise compile a variant for
+# each of ==1 / multiple of 16 / other, and a first rollout would pay for those the
+# start-up warm-up (one prompt, a 3-block table) never meets.
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _paged_attention_kernel(
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     q_ptr, k_cache_ptr, v_cache_ptr,
