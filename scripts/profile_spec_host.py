@@ -162,7 +162,7 @@ def measure(batch: int, k: int, steps: int, warmup: int, prompt_len: int, vocab:
         if profiler:
             profiler.disable()
             stream = io.StringIO()
-            pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(30)
+            pstats.Stats(profiler, stream=stream).sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("TOP", "30")))
             print(stream.getvalue())
         emitted = (sum(s.num_tokens for s in running) - tokens_before) / steps
     per_step = {p: timer.seconds[p] / steps * 1e6 for p in PHASES}

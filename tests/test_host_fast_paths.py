@@ -57,7 +57,7 @@ def test_fast_paths_match_the_general_paths_exactly(llama, monkeypatch):
     fast, fast_stats = _generate(llama[0], check_mirror=True)
     assert fast_stats["num_preemptions"] > 0 and fast_stats["prefix_cache_hit_tokens"] > 0
     monkeypatch.setattr(scheduler.ScheduledBatch, "is_decode", property(lambda self: False))
-    monkeypatch.setattr(block_manager.BlockManager, "grow_decode", lambda self, seq: False)
+    monkeypatch.setattr(block_manager.BlockManager, "grow_if_free", lambda self, seq, n: False)
     monkeypatch.setattr(model_runner, "_upload_packed", _upload_one_by_one)
     monkeypatch.setattr(sampling_rows.SamplingRows, "build", _uncached_build)
     monkeypatch.setattr(model_runner.ModelRunner, "_block_tables",
@@ -116,22 +116,34 @@ def test_block_tables_mirror_lists_through_growth_and_reuse():
 
 
 @pytest.mark.parametrize("lookahead", [0, 3])
-def test_grow_decode_is_grow_of_one_token(lookahead):
+@pytest.mark.parametrize("step_tokens", [1, 4])  # a decode step, a k = 3 verify step
+def test_grow_if_free_is_grow(lookahead, step_tokens):
     def run(use_fast: bool):
         bm = BlockManager(num_blocks=64, block_size=4, lookahead_slots=lookahead)
-        seq = Sequence(0, "r", 0, list(range(10, 17)), 7, SamplingParams(), 100, 0)
+        seq = Sequence(0, "r", 0, list(range(10, 17)), 7, SamplingParams(), 200, 0)
         bm.allocate(seq, bm.match_prefix(seq), seq.num_tokens)
         seq.num_computed_tokens = seq.num_tokens
         states = []
         for token in range(30):
             seq.token_ids.append(token)
-            if not (use_fast and bm.grow_decode(seq)):
-                bm.grow(seq, 1)
-            seq.num_computed_tokens += 1
+            seq.draft_tokens = [1] * (step_tokens - 1)
+            if not (use_fast and bm.grow_if_free(seq, step_tokens)):
+                bm.grow(seq, step_tokens)
+            seq.num_computed_tokens += 1  # one token verified, the drafts' KV rejected
             states.append((list(seq.block_table), seq.num_registered_blocks,
                            dict(bm.cached), bm.num_free_blocks))
         return states
     assert run(True) == run(False)
+
+
+def test_grow_if_free_leaves_a_full_pool_alone():
+    bm = BlockManager(num_blocks=3, block_size=4)
+    seq = Sequence(0, "r", 0, list(range(10, 19)), 9, SamplingParams(), 100, 0)
+    bm.allocate(seq, [], seq.num_tokens)  # 9 tokens: all 3 blocks
+    seq.num_computed_tokens = seq.num_tokens
+    table = list(seq.block_table)
+    assert bm.grow_if_free(seq, 3)  # positions 9..11 still fit the third block
+    assert not bm.grow_if_free(seq, 4) and seq.block_table == table
 
 
 @pytest.mark.parametrize("rows", [1, 8, 9, 300])
@@ -171,3 +183,18 @@ def test_sampling_rows_match_the_per_step_formulas():
         assert rows.need_raw == (any(p.greedy for p in subset)
                                  or any(p.return_raw_logprobs for p in subset))
         assert rows.num_top_logprobs == max(p.logprobs or 0 for p in subset)
+
+
+def test_append_tokens_is_append_token_of_each():
+    def fresh():
+        return Sequence(0, "r", 0, [1, 2, 3], 3, SamplingParams(), 100, 0)
+    one_by_one, bulk = fresh(), fresh()
+    steps = [([5, 6], [-0.1, -0.2], 0), ([7], [-0.3], 0), ([8, 9, 10], [-1.0, -2.0, -3.0], 1),
+             ([11, 12], [-0.5, -0.6], 3)]
+    for tokens, logprobs, version in steps:
+        for token, logprob in zip(tokens, logprobs):
+            one_by_one.append_token(token, logprob, version)
+        bulk.append_tokens(tokens, logprobs, version)
+    assert bulk.token_ids == one_by_one.token_ids
+    assert bulk.logprobs == one_by_one.logprobs
+    assert bulk.version_spans == one_by_one.version_spans == [[0, 0, 3], [1, 3, 6], [3, 6, 8]]

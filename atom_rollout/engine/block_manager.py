@@ -136,32 +136,32 @@ class BlockManager:
                                     + self.lookahead_slots)
         return needed - len(seq.block_table) <= self.num_free_blocks
 
-    def grow_decode(self, seq: Sequence) -> bool:
-        """grow(seq, 1) for the common decode step (only the last token to compute, no
-        drafts) when it needs at most one free block; False, doing nothing, otherwise."""
-        computed, table = seq.num_computed_tokens, seq.block_table
-        if computed + 1 != len(seq.token_ids) or seq.draft_tokens:
+    def grow_if_free(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """grow(seq, num_new_tokens) when the free blocks cover it, so that no preemption
+        can be needed; False, doing nothing, otherwise. The scheduler's per-step path."""
+        missing = self._missing_blocks(seq, num_new_tokens)
+        if missing > len(self.free):
             return False
-        missing = computed + 1 + self.lookahead_slots - len(table) * self.block_size
-        if missing > 0:
-            if missing > self.block_size or not self.free:
-                return False
-            table.append(self._take_free_block())
-            self.tables.sync(seq, len(table) - 1)
-        if (computed + 1) // self.block_size > seq.num_registered_blocks:
-            self._register_full_blocks(seq, computed + 1)
+        self._extend(seq, num_new_tokens, missing)
         return True
 
     def grow(self, seq: Sequence, num_new_tokens: int) -> None:
-        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens
-                                    + self.lookahead_slots)
-        if len(seq.block_table) < needed:
-            start = len(seq.block_table)
-            while len(seq.block_table) < needed:
-                seq.block_table.append(self._take_free_block())
+        """Room for a sequence's next tokens; the caller checked can_grow."""
+        self._extend(seq, num_new_tokens, self._missing_blocks(seq, num_new_tokens))
+
+    def _missing_blocks(self, seq: Sequence, num_new_tokens: int) -> int:
+        end = seq.num_computed_tokens + num_new_tokens + self.lookahead_slots
+        return -(-end // self.block_size) - len(seq.block_table)
+
+    def _extend(self, seq: Sequence, num_new_tokens: int, missing: int) -> None:
+        table = seq.block_table
+        if missing > 0:
+            start = len(table)
+            for _ in range(missing):
+                table.append(self._take_free_block())
             self.tables.sync(seq, start)
         # Only verified tokens may enter the prefix cache, never drafts.
-        known = min(seq.num_computed_tokens + num_new_tokens, seq.num_tokens)
+        known = min(seq.num_computed_tokens + num_new_tokens, len(seq.token_ids))
         if known // self.block_size > seq.num_registered_blocks:
             self._register_full_blocks(seq, known)
 

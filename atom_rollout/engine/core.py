@@ -300,13 +300,12 @@ class EngineCore:
             for position in range(verified.num_accepted):
                 accepted_at[position] += 1
             stops = seq.stop_ids if seq.stop_ids is not None else self._stop_ids(seq)
-            for token, logprob in zip(verified.token_ids, verified.logprobs):
-                seq.append_token(token, logprob, version)
-                # as in _postprocess: only these can make _stop_reason non-None
-                if ((token in stops or len(seq.token_ids) >= seq.max_num_tokens)
-                        and self._finish_if_done(seq, token)):
-                    finished.append(seq)
-                    break
+            tokens = verified.token_ids
+            if (len(seq.token_ids) + len(tokens) < seq.max_num_tokens
+                    and stops.isdisjoint(tokens)):  # none of them can end the sequence
+                seq.append_tokens(tokens, verified.logprobs, version)
+            elif self._append_until_stop(seq, verified, stops, version):
+                finished.append(seq)
             seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens - 1)
         any_finished = False
         for proposal in result.proposals:
@@ -318,6 +317,17 @@ class EngineCore:
         if any_finished:  # the speculator's copy would outlive the finished sequences
             self.runner.speculator.forget_drafts()
         return finished
+
+    def _append_until_stop(self, seq: Sequence, verified, stops: frozenset[int],
+                           version: int) -> bool:
+        """Emitted tokens one by one with stop checks; True when one ended the sequence."""
+        for token, logprob in zip(verified.token_ids, verified.logprobs):
+            seq.append_token(token, logprob, version)
+            # as in _postprocess: only these can make _stop_reason non-None
+            if ((token in stops or len(seq.token_ids) >= seq.max_num_tokens)
+                    and self._finish_if_done(seq, token)):
+                return True
+        return False
 
     def _finish_if_done(self, seq: Sequence, token: int) -> bool:
         reason = self._stop_reason(seq, token)

@@ -65,7 +65,7 @@ class Scheduler:
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int,
                           overlapped: bool) -> tuple[int, bool]:
-        grow_decode = self.blocks.grow_decode
+        grow_if_free = self.blocks.grow_if_free
         seqs, counts, fast, ending = batch.seqs, batch.num_new_tokens, 0, 0
         # _make_room only ever preempts sequences after this one, or this one (then we
         # stop), so iterating the live list is safe.
@@ -75,11 +75,12 @@ class Scheduler:
             if seq.num_placeholders and seq.num_tokens >= seq.max_num_tokens:
                 ending += 1  # its in-flight token ends it: nothing left to compute
                 continue
-            if not seq.is_score and grow_decode(seq):  # no preemption can be needed
-                seqs.append(seq)
-                counts.append(1)
-                fast += 1
-                budget -= 1
+            num_new = seq.num_pending_tokens
+            if num_new <= budget and not seq.is_score and grow_if_free(seq, num_new):
+                seqs.append(seq)  # no preemption was needed: batch.add, inlined
+                counts.append(num_new)
+                fast += num_new == 1 and not seq.draft_tokens
+                budget -= num_new
                 continue
             num_new = self._make_room(seq, budget, overlapped)
             if not num_new:

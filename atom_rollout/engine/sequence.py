@@ -96,6 +96,18 @@ class Sequence:
         self.token_ids.append(token_id)
         self._record(logprob, weight_version)
 
+    def append_tokens(self, token_ids: list[int], logprobs: list[float],
+                      weight_version: int) -> None:
+        """append_token for each, in one go (a speculative step's emitted tokens)."""
+        self.token_ids.extend(token_ids)
+        self.logprobs.extend(logprobs)
+        end = len(self.logprobs)
+        spans = self.version_spans
+        if spans and spans[-1][0] == weight_version:
+            spans[-1][2] = end
+        else:
+            spans.append([weight_version, end - len(logprobs), end])
+
     def add_placeholder(self, sample_row: int) -> None:
         self.token_ids.append(PLACEHOLDER)
         self.num_placeholders += 1
