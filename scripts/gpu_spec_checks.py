@@ -58,7 +58,7 @@ class Engine:
         self.replays: dict[int, int] = {}
         graphs = self.engine.core.runner.graphs
         if graphs is not None:
-            run, run_with_tail = graphs.run, graphs.run_with_tail
+            run, run_tail = graphs.run, graphs.run_tail
 
             def counted(query_len, *args):
                 self.replays[query_len] = self.replays.get(query_len, 0) + 1
@@ -66,8 +66,8 @@ class Engine:
 
             def counted_tail(tail, query_len, *args):  # a fused speculative step
                 self.replays[query_len] = self.replays.get(query_len, 0) + 1
-                return run_with_tail(tail, query_len, *args)
-            graphs.run, graphs.run_with_tail = counted, counted_tail
+                return run_tail(tail, query_len, *args)
+            graphs.run, graphs.run_tail = counted, counted_tail
 
     def generate(self, prompts, params):
         """Outputs, graph replays per query length and draft acceptance of this run."""

@@ -108,7 +108,8 @@ def instrument(engine: RolloutEngine) -> PhaseTimer:
     timer.wrap(spec, "verify", "verify")
     timer.wrap(spec, "propose", "draft", exclude=("catch_up",))
     timer.wrap(spec, "_catch_up", "catch_up")
-    timer.wrap(runner.fused_speculation, "step", "fused", exclude=("tail",))
+    for name in ("launch", "chain", "resolve"):
+        timer.wrap(runner.fused_speculation, name, "fused", exclude=("tail",))
     timer.wrap(runner.graphs, "_forward", "tail")
     timer.wrap(core, "_postprocess", "postprocess")
     return timer

@@ -57,13 +57,13 @@ def profiled_run(engine: RolloutEngine, prompts, params, top: int) -> dict:
 
 def timed_run(engine: RolloutEngine, prompts, params) -> dict:
     """Without the profiler: wall per step and, per speculative graph step, the GPU time
-    from before its inputs' copies to the end of its replay (CUDA events), so that
-    wall - graph is host time the GPU waited for."""
+    of its replay (CUDA events), so that wall - graph is time the GPU waited for the
+    host (chained steps overlap the host's work with the replay before)."""
     graphs = engine.core.runner.graphs
-    pairs, steps, inner = [], [], graphs.run_with_tail
+    pairs, steps, inner = [], [], graphs.run_tail
     core_step = engine.core.step
 
-    def run_with_tail(*args):
+    def run_tail(*args):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         out = inner(*args)
@@ -74,13 +74,13 @@ def timed_run(engine: RolloutEngine, prompts, params) -> dict:
     def counted():
         steps.append(1)
         return core_step()
-    graphs.run_with_tail, engine.core.step = run_with_tail, counted
+    graphs.run_tail, engine.core.step = run_tail, counted
     torch.cuda.synchronize()
     start = time.perf_counter()
     engine.generate_batch(prompts, params)
     torch.cuda.synchronize()
     wall = time.perf_counter() - start
-    graphs.run_with_tail, engine.core.step = inner, core_step
+    graphs.run_tail, engine.core.step = inner, core_step
     graph_ms = [a.elapsed_time(b) for a, b in pairs]
     return {"timed_wall_us_per_step": wall / len(steps) * 1e6, "graph_steps": len(pairs),
             "graph_us_per_graph_step": sum(graph_ms) / max(1, len(pairs)) * 1e3}

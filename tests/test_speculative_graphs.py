@@ -26,13 +26,16 @@ def mtp_checkpoint(tmp_path_factory):
 
 def _cpu_graphs(engine, query_lens, max_batch=8) -> collections.Counter:
     """Give a CPU engine DecodeGraphs (run eagerly); returns replays counted by q (and
-    under "fused" the fused speculative steps)."""
+    under "fused" the fused speculative steps, under "chained" those launched on the
+    inputs the previous one wrote)."""
     core = engine.core
     graphs = DecodeGraphs(core.model, core.ops, core.runner.kv_caches, max_batch,
                           core.max_model_len + 2 * core.num_draft, core.config.block_size,
                           core.device, query_lens=query_lens, keep_hidden=bool(core.num_draft))
     graphs.capture()
-    calls, run, run_with_tail = collections.Counter(), graphs.run, graphs.run_with_tail
+    calls, run, run_tail = collections.Counter(), graphs.run, graphs.run_tail
+    fused = core.runner.fused_speculation
+    chain = fused.chain if fused is not None else None
 
     def counted(query_len, *args):
         calls[query_len] += 1
@@ -41,8 +44,14 @@ def _cpu_graphs(engine, query_lens, max_batch=8) -> collections.Counter:
     def counted_tail(tail, query_len, *args):
         calls[query_len] += 1
         calls["fused"] += 1
-        return run_with_tail(tail, query_len, *args)
-    graphs.run, graphs.run_with_tail = counted, counted_tail
+        return run_tail(tail, query_len, *args)
+
+    def counted_chain(*args):
+        calls["chained"] += 1
+        return chain(*args)
+    graphs.run, graphs.run_tail = counted, counted_tail
+    if fused is not None:
+        fused.chain = counted_chain
     core.runner.graphs = graphs
     return calls
 
@@ -118,12 +127,38 @@ def test_cpu_fused_speculative_steps_equal_the_eager_path(mtp_checkpoint, k):
     calls = _cpu_graphs(engine, (k + 1,), max_batch=16)
     outs = engine.generate_batch(PROMPTS, MIXED)
     assert calls["fused"] > 0 and engine.core.runner.fused_speculation.num_steps > 0
+    assert calls["chained"] > 0  # steps launched on the inputs the previous step wrote
     eager = RolloutEngine(model_dir, device="cpu", show_progress=False, seed=11,
                           num_speculative_tokens=k)
     _assert_same(outs, eager.generate_batch(PROMPTS, MIXED), 1e-4)
     stats = engine.stats()
     assert stats["free_kv_blocks"] == stats["num_kv_blocks"]
     assert stats["drafts_proposed"] == eager.stats()["drafts_proposed"]
+
+
+def test_cpu_chained_steps_stop_and_admit_as_the_eager_path_does(mtp_checkpoint):
+    """Stop tokens met mid-chain (the chained step's rows of a finished sequence are
+    dropped) and requests waiting for a slot (chaining pauses to admit them): same tokens,
+    logprobs and stats as the eager path, every block freed."""
+    model_dir, _ = mtp_checkpoint
+    options = dict(device="cpu", show_progress=False, seed=3, num_speculative_tokens=3,
+                   max_num_seqs=3)
+    eager = RolloutEngine(model_dir, **options)
+    first = eager.generate_batch(PROMPTS, MIXED)
+    stop = first[1].samples[0].token_ids[6]  # emitted mid-sequence by a sampled row
+    params = [SamplingParams(**{**p.__dict__, "ignore_eos": False, "stop_token_ids": [stop]})
+              for p in MIXED]
+    engine = RolloutEngine(model_dir, **options)
+    calls = _cpu_graphs(engine, (4,), max_batch=4)
+    outs = engine.generate_batch(PROMPTS, params)
+    assert calls["chained"] > 0
+    reference = RolloutEngine(model_dir, **options).generate_batch(PROMPTS, params)
+    _assert_same(outs, reference, 1e-4)
+    assert [s.finish_reason for o in outs for s in o.samples] == \
+        [s.finish_reason for o in reference for s in o.samples]
+    assert any(s.finish_reason == "stop" for o in outs for s in o.samples)
+    stats = engine.stats()
+    assert stats["free_kv_blocks"] == stats["num_kv_blocks"]
 
 
 def test_cpu_decode_graphs_of_a_speculative_engine(mtp_checkpoint):

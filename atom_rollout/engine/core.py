@@ -197,6 +197,8 @@ class EngineCore:
             raise RuntimeError("the engine is asleep: call wake_up() first")
         if self.async_scheduling:
             return finished + self._step_overlapped()
+        if self.num_draft and self.runner.graphs is not None:
+            return finished + self._step_speculative()
         batch = self._schedule()
         result = self.runner.run(batch)
         return finished + self._advance(batch) + self._postprocess(result)
@@ -228,6 +230,60 @@ class EngineCore:
         finished += self._resolve_in_flight()
         self._in_flight = launched
         return finished
+
+    def _step_speculative(self) -> list[Sequence]:
+        """Verify steps of an unchanged batch run back to back: while one fused step is in
+        flight the next is launched on the inputs its tail writes, then the first is read
+        back. A step that finishes a sequence ends the chain one step late (that
+        sequence's results in the chained step are dropped); so does a waiting request."""
+        finished, launched = [], self._in_flight
+        if launched is None:
+            batch = self._schedule()
+            ready = self._grow_ahead(batch.seqs) if self._is_verify_only(batch) else False
+            launched = self.runner.launch_speculative(batch)
+            finished += self._advance(batch)
+            if isinstance(launched, StepResult):
+                return finished + self._postprocess(launched)
+            launched.successor_ready = ready
+        self._in_flight = None
+        successor = self._chain(launched)
+        finished += self._postprocess(self.runner.resolve(launched))
+        if successor is not None:
+            for seq in successor.seqs:
+                if not seq.is_finished:
+                    seq.num_computed_tokens += self.num_draft + 1
+            self._in_flight = successor
+        return finished
+
+    def _is_verify_only(self, batch) -> bool:
+        k1 = self.num_draft + 1
+        return all(n == k1 for n in batch.num_new_tokens)
+
+    def _chain(self, launched):
+        """The next verify step of launched's sequences, or None where it may not run yet:
+        a sequence finished, one is left out or waiting, or the blocks are not there."""
+        scheduler = self.scheduler
+        if (not launched.successor_ready or len(launched.seqs) != len(scheduler.running)
+                or (scheduler.waiting and len(scheduler.running) < scheduler.max_num_seqs)
+                or any(seq.is_finished for seq in launched.seqs)):
+            return None
+        ready = self._grow_ahead(launched.seqs)  # for the step after the chained one
+        successor = self.runner.chain_speculative(launched, self.block_manager.tables)
+        if successor is not None:
+            successor.successor_ready = ready
+        return successor
+
+    def _grow_ahead(self, seqs: list[Sequence]) -> bool:
+        """Blocks for two more verify steps past each sequence's computed tokens: a fused
+        step's tail writes the KV slots of the step after it. False where the pool or the
+        graphs' block tables (max_model_len + 2k positions) cannot hold them."""
+        num_tokens, blocks = 2 * (self.num_draft + 1), self.block_manager
+        reach = self.max_model_len + 2 * self.num_draft - blocks.lookahead_slots
+        for seq in seqs:
+            if (seq.num_computed_tokens + num_tokens > reach
+                    or not blocks.grow_if_free(seq, num_tokens)):
+                return False
+        return True
 
     def _resolve_in_flight(self) -> list[Sequence]:
         launched, self._in_flight = self._in_flight, None
@@ -293,6 +349,8 @@ class EngineCore:
         finished, version, accepted_at = [], self.weight_version, self.drafts_accepted_at
         for verified in result.verified:
             seq = verified.seq
+            if seq.is_finished:  # a chained step ran past its end: nothing to keep
+                continue
             seq.clear_drafts()
             seq.num_drafts_proposed += self.num_draft
             seq.num_drafts_accepted += verified.num_accepted

@@ -7,7 +7,8 @@ last verified token plus k drafts). The whole forward is one graph replay; q = 1
 also run the LM head, and with ``keep_hidden`` every graph returns its final hidden
 states (the MTP speculator needs them for verify logits and its catch-up). A "tail" (see
 run_with_tail) extends a graph with work on the forward's hidden states, for example a
-whole speculative step; tailed graphs are captured on first use. Smaller
+whole speculative step; tailed graphs are captured on first use, and a tail may write
+the next step's inputs into the static buffers for run_tail to replay on. Smaller
 batches are padded up to the next captured size: padded sequences write no KV (slot -1),
 attend to q slots of block 0 and their outputs are dropped. All graphs share one memory
 pool. Without CUDA, run() executes the same padded forward eagerly (for CPU tests).
@@ -99,7 +100,7 @@ class DecodeGraphs:
         query_len new tokens. Returns (hidden [B * q, H] or None, logits [B, V] or None):
         hidden with keep_hidden, logits for q = 1. Both are overwritten by the next run."""
         batch, tokens = context_lens.shape[0], context_lens.shape[0] * query_len
-        size = self._load(query_len, input_ids, positions, slot_mapping, context_lens,
+        size = self.load(query_len, input_ids, positions, slot_mapping, context_lens,
                           block_tables)
         if self.use_graphs:
             self.graphs[query_len, size, None].replay()
@@ -113,12 +114,17 @@ class DecodeGraphs:
                       positions: torch.Tensor, slot_mapping: torch.Tensor,
                       context_lens: torch.Tensor, block_tables: torch.Tensor):
         """Like run, then ``tail(graphs, hidden, padded size)`` inside the same graph;
-        returns what the tail returns (rows of the padded batch). One graph per
-        (query_len, size, tail.key), captured on first use: that first call runs eagerly
-        (its result is this call's) and then records the graph, so a tail that updates
-        state the next step reads is never run twice for one step."""
-        size = self._load(query_len, input_ids, positions, slot_mapping, context_lens,
-                          block_tables)
+        returns what the tail returns (rows of the padded batch)."""
+        size = self.load(query_len, input_ids, positions, slot_mapping, context_lens,
+                         block_tables)
+        return self.run_tail(tail, query_len, size)
+
+    def run_tail(self, tail, query_len: int, size: int):
+        """The tailed forward over the static inputs as they stand: loaded by load(), or
+        written there by the previous replay's tail. One graph per (query_len, size,
+        tail.key), captured on first use: that first call runs eagerly (its result is
+        this call's) and then records the graph, so a tail that updates state the next
+        step reads is never run twice for one step."""
         key = (query_len, size, tail.key)
         if not self.use_graphs:
             return self._forward(query_len, size, tail)
@@ -129,7 +135,11 @@ class DecodeGraphs:
         self._capture(key, query_len, size, tail)
         return result
 
-    def _load(self, query_len: int, input_ids, positions, slot_mapping, context_lens,
+    def has_tail_graph(self, tail, query_len: int, size: int) -> bool:
+        """Whether run_tail replays (True off CUDA, where every call runs eagerly)."""
+        return not self.use_graphs or (query_len, size, tail.key) in self.graphs
+
+    def load(self, query_len: int, input_ids, positions, slot_mapping, context_lens,
               block_tables) -> int:
         """Copies a batch into the static inputs, pads it; returns the padded size."""
         batch = context_lens.shape[0]

@@ -10,6 +10,13 @@ KV slots computed on the device. Uniforms come from the same counter-based noise
 eager path (engine/speculation.py), with counters derived on the device, so both paths
 draw the same tokens. The host reads back one [B, 2k + 4] tensor per step.
 
+The tail also writes the next verify step's inputs (final token, drafts, positions, KV
+slots, context lengths) over the graph's static inputs, so the core can launch that step
+(chain) before it reads this one back: while a batch stays the same, the GPU runs steps
+back to back and the host's bookkeeping of step t overlaps step t + 1 (EngineCore.
+_step_speculative decides when; sequences a step finishes have their rows of the chained
+step dropped).
+
 Per-sequence settings (noise keys, prompt lengths, processing parameters) are uploaded
 when the batch composition changes; the draft distributions live in one [B, k, V]
 buffer that the next step's verification reads (re-stacked when the rows change).
@@ -117,8 +124,10 @@ class _Tail:
         live = graphs.slot_mapping[:tokens].view(size, k1)[:, 0] >= 0
         drafts = self._chain(graphs, previous, size, params, counters + out.num_accepted + 1,
                              starts + out.num_accepted + 1, live)
-        return torch.cat([out.token_ids.double(), out.logprobs.double(),
-                          out.num_accepted[:, None].double(), drafts.double()], dim=1)
+        packed = torch.cat([out.token_ids.double(), out.logprobs.double(),
+                            out.num_accepted[:, None].double(), drafts.double()], dim=1)
+        _write_next_inputs(graphs, size, out, drafts, starts, live)
+        return packed
 
     def _verify(self, graphs, hidden, size, params: _Params, counters):
         k, k1 = self.spec.k, self.spec.k + 1
@@ -160,6 +169,42 @@ class _Tail:
         return torch.stack(drafts, dim=1)
 
 
+def _write_next_inputs(graphs: DecodeGraphs, size: int, out, drafts: torch.Tensor,
+                       starts: torch.Tensor, live: torch.Tensor) -> None:
+    """The same rows' next verify step, written over the static inputs (after everything
+    in this step has read them): the final emitted token and the k new drafts, at the
+    positions after the accepted run, their KV slots from the block tables as loaded
+    (positions whose block is not there yet get slot -1; the host chains a step only
+    after growing the tables for it), padded rows as load() pads them."""
+    k1 = drafts.shape[1] + 1
+    bs, tables = graphs.block_size, graphs.block_tables[:size]
+    rows = torch.arange(size, device=drafts.device)
+    first = starts + out.num_accepted + 1
+    positions = first[:, None] + torch.arange(k1, device=drafts.device)
+    index = positions // bs
+    blocks = tables.gather(1, index.clamp(max=tables.shape[1] - 1)).long()
+    slots = torch.where(live[:, None] & (index < tables.shape[1]) & (blocks >= 0),
+                        blocks * bs + positions % bs, -1)
+    ids = torch.cat([out.token_ids[rows, out.num_accepted][:, None], drafts], dim=1)
+    tokens = size * k1
+    graphs.input_ids[:tokens].copy_(torch.where(live[:, None], ids, 0).view(-1))
+    graphs.positions[:tokens].copy_(torch.where(live[:, None], positions, 0).view(-1))
+    graphs.slot_mapping[:tokens].copy_(slots.view(-1))
+    graphs.context_lens[:size].copy_(torch.where(live, first + k1, k1).int())
+
+
+@dataclass
+class FusedLaunch:
+    """A fused step on its way: its packed result is being copied to the host."""
+
+    seqs: list[Sequence]
+    size: int  # the padded batch size of its graph
+    kind: RowKind
+    host: torch.Tensor  # [B, 2k + 4] float64, pinned on CUDA
+    done: torch.cuda.Event | None  # recorded after the copy (CUDA only)
+    successor_ready: bool = False  # the core grew the blocks its tail's next step needs
+
+
 class FusedSpeculation:
     """Runs a verify-only batch as one tailed graph replay; see the module docstring."""
 
@@ -173,16 +218,46 @@ class FusedSpeculation:
         self._kind: RowKind | None = None  # of those rows
         self.num_steps = 0
 
-    def step(self, graphs: DecodeGraphs, inputs, seqs: list[Sequence]):
-        """(verified, proposals) of a batch in which every sequence verifies k drafts;
-        inputs: the runner's device inputs of the step."""
-        rows, kind = self._prepare(graphs, seqs)
-        packed = graphs.run_with_tail(self._tail(kind), self.spec.k + 1, inputs.input_ids,
-                                      inputs.positions, inputs.slot_mapping,
-                                      inputs.context_lens, inputs.block_tables)
-        host = packed[:len(seqs)].cpu().numpy()  # the step's one sync
+    def launch(self, graphs: DecodeGraphs, inputs, seqs: list[Sequence]) -> FusedLaunch:
+        """Start a batch in which every sequence verifies k drafts; inputs: the runner's
+        device inputs of the step. resolve() gives its (verified, proposals)."""
+        _, kind = self._prepare(graphs, seqs)
+        size = graphs.load(self.spec.k + 1, inputs.input_ids, inputs.positions,
+                           inputs.slot_mapping, inputs.context_lens, inputs.block_tables)
+        return self._run(graphs, size, seqs, kind)
+
+    def can_chain(self, graphs: DecodeGraphs, launched: FusedLaunch) -> bool:
+        return graphs is self._graphs and graphs.has_tail_graph(
+            self._tail(launched.kind), self.spec.k + 1, launched.size)
+
+    def chain(self, graphs: DecodeGraphs, launched: FusedLaunch,
+              block_tables: torch.Tensor) -> FusedLaunch:
+        """The next verify step of launched's sequences, started before launched is read
+        back: it runs on the inputs launched's tail wrote (see _write_next_inputs) with
+        the block tables given (grown by the caller). Results of sequences that launched
+        finishes are to be dropped."""
+        batch, width = block_tables.shape
+        graphs.block_tables[:batch, :width].copy_(block_tables, non_blocking=True)
+        self.spec.forget_drafts()
+        return self._run(graphs, launched.size, launched.seqs, launched.kind)
+
+    def resolve(self, launched: FusedLaunch):
+        """(verified, proposals) of a launched step (waits for its copy: the one sync)."""
+        if launched.done is not None:
+            launched.done.synchronize()
+        return self._results(launched.seqs, launched.host.numpy(), self._rows, launched.kind)
+
+    def _run(self, graphs: DecodeGraphs, size: int, seqs: list[Sequence],
+             kind: RowKind) -> FusedLaunch:
+        packed = graphs.run_tail(self._tail(kind), self.spec.k + 1, size)[:len(seqs)]
         self.num_steps += 1
-        return self._results(seqs, host, rows, kind)
+        if packed.device.type != "cuda":
+            return FusedLaunch(seqs, size, kind, packed.clone(), None)
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return FusedLaunch(seqs, size, kind, host, done)
 
     def _prepare(self, graphs: DecodeGraphs, seqs: list[Sequence]):
         if self._graphs is not graphs:  # new graphs (e.g. after wake_up): new buffers

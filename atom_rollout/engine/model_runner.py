@@ -12,7 +12,7 @@ from ..kernels import AttentionMetadata, KernelOps
 from ..models import DecoderForCausalLM
 from ..sampler import SamplingTensors, sample
 from .cuda_graphs import DecodeGraphs
-from .fused_speculation import FusedSpeculation
+from .fused_speculation import FusedLaunch, FusedSpeculation
 from .packing import upload_packed as _upload_packed
 from .sampling_rows import SamplingRowCache
 from .scheduler import ScheduledBatch
@@ -80,15 +80,33 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> StepResult:
         if self.speculator is None:
             return self.resolve(self.launch(batch))
+        return self.resolve(self.launch_speculative(batch))
+
+    @torch.inference_mode()
+    def launch_speculative(self, batch: ScheduledBatch) -> StepResult | FusedLaunch:
+        """A speculative engine's step: a verify-only batch with graphs is launched as one
+        fused step (resolve() reads it back); any other runs to completion here."""
         inputs = self._prepare(batch)
         if self._fuses_speculation(batch, inputs):
-            verified, proposals = self.fused_speculation.step(self.graphs, inputs, batch.seqs)
-            return StepResult([], [], [], None, None, verified, proposals)
+            return self.fused_speculation.launch(self.graphs, inputs, batch.seqs)
         hidden, logits = self._forward(batch, inputs)
         result = StepResult([], [], [], None, None) if logits is None else \
             self._to_host(inputs.sample_seqs, self._sample(logits, inputs.sample_seqs))
         self._speculate(hidden, inputs, result)
         return result
+
+    @torch.inference_mode()
+    def chain_speculative(self, launched: FusedLaunch, tables) -> FusedLaunch | None:
+        """The next verify step of a launched fused step's sequences, launched before that
+        one is read back (see FusedSpeculation.chain); None when its graph is not captured
+        yet. tables: the block manager's mirror, already grown for the step."""
+        if not self.fused_speculation.can_chain(self.graphs, launched):
+            return None
+        rows = np.array([s.table_row for s in launched.seqs], dtype=np.int64)
+        host = tables.gather(rows) if rows.min() >= 0 else \
+            _padded_tables([s.block_table for s in launched.seqs])
+        device_tables = _upload_packed([host], self.device)[0]
+        return self.fused_speculation.chain(self.graphs, launched, device_tables)
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, overlapped: bool = False) -> Launched:
@@ -103,8 +121,13 @@ class ModelRunner:
         self._last_tokens = out.token_ids
         return self._start_copy(inputs.sample_seqs, out)
 
-    def resolve(self, launched: Launched) -> StepResult:
+    def resolve(self, launched: Launched | FusedLaunch | StepResult) -> StepResult:
         """Wait for a launched step's tokens (the step's one host-device sync)."""
+        if isinstance(launched, StepResult):
+            return launched
+        if isinstance(launched, FusedLaunch):
+            verified, proposals = self.fused_speculation.resolve(launched)
+            return StepResult([], [], [], None, None, verified, proposals)
         if launched.host is None:
             return StepResult([], [], [], None, None)
         if launched.done is not None:
