@@ -208,8 +208,8 @@ def test_gpu_speculative_graphs_equal_eager_and_plain(mtp_checkpoint, k, batch):
     assert graphed.core.runner.graphs is not None
     replays = collections.Counter()
     graphs = graphed.core.runner.graphs
-    run_with_tail = graphs.run_with_tail
-    graphs.run_with_tail = lambda tail, q, *a: replays.update([q]) or run_with_tail(tail, q, *a)
+    run_tail = graphs.run_tail
+    graphs.run_tail = lambda tail, q, *a: replays.update([q]) or run_tail(tail, q, *a)
     eager = _gpu_engine(model_dir, "float32", num_speculative_tokens=k, enforce_eager=True)
     assert eager.core.runner.graphs is None
     out_graphs = graphed.generate_batch(prompts, greedy)
