@@ -254,3 +254,33 @@ def test_cpu_fused_drafts_of_a_sequence_left_out_are_copied_out(mtp_checkpoint):
     with torch.inference_mode():
         fused._rows.draft_logp.fill_(0.0)
     assert torch.equal(seqs[0].draft_logprobs, before)
+
+
+def test_next_inputs_of_a_chained_step():
+    """The tail's inputs for the next verify step: final token then drafts, positions
+    after the accepted run, slots from the tables; a position whose block is missing or
+    past the table's width, and every padded row, gets slot -1."""
+    from types import SimpleNamespace
+
+    from atom_rollout.engine.fused_speculation import _write_next_inputs
+    k, bs, size = 2, 4, 3
+    graphs = SimpleNamespace(block_size=bs, input_ids=torch.full((9,), 7),
+                             positions=torch.zeros(9, dtype=torch.int64),
+                             slot_mapping=torch.zeros(9, dtype=torch.int64),
+                             context_lens=torch.zeros(3, dtype=torch.int32),
+                             block_tables=torch.tensor([[5, 6, 9], [2, -1, -1], [0, 0, 0]],
+                                                       dtype=torch.int32))
+    out = SimpleNamespace(token_ids=torch.tensor([[11, 12, 13], [21, -1, -1], [31, 32, 33]]),
+                          num_accepted=torch.tensor([2, 0, 1]))
+    drafts = torch.tensor([[40, 41], [50, 51], [60, 61]])
+    starts = torch.tensor([6, 2, 0])  # row 0 verified positions 6..8, row 1 2..4
+    live = torch.tensor([True, True, False])  # row 2 pads the batch
+    _write_next_inputs(graphs, size, out, drafts, starts, live)
+    assert graphs.input_ids.tolist() == [13, 40, 41, 21, 50, 51, 0, 0, 0]
+    assert graphs.positions.tolist() == [9, 10, 11, 3, 4, 5, 0, 0, 0]
+    # row 0: positions 9..11 sit in its third block (9); row 1: 4 and 5 have no block
+    assert graphs.slot_mapping.tolist() == [9 * 4 + 1, 9 * 4 + 2, 9 * 4 + 3,
+                                            2 * 4 + 3, -1, -1, -1, -1, -1]
+    assert graphs.context_lens.tolist() == [12, 6, 3]
+    _write_next_inputs(graphs, size, out, drafts, starts + 1, live)  # row 0: 10..12
+    assert graphs.slot_mapping[:3].tolist() == [9 * 4 + 2, 9 * 4 + 3, -1]  # 12: past width
