@@ -239,7 +239,7 @@ class EngineCore:
         finished, launched = [], self._in_flight
         if launched is None:
             batch = self._schedule()
-            ready = self._grow_ahead(batch.seqs) if self._is_verify_only(batch) else False
+            ready = self.runner.is_verify_only(batch) and self._grow_ahead(batch.seqs)
             launched = self.runner.launch_speculative(batch)
             finished += self._advance(batch)
             if isinstance(launched, StepResult):
@@ -254,10 +254,6 @@ class EngineCore:
                     seq.num_computed_tokens += self.num_draft + 1
             self._in_flight = successor
         return finished
-
-    def _is_verify_only(self, batch) -> bool:
-        k1 = self.num_draft + 1
-        return all(n == k1 for n in batch.num_new_tokens)
 
     def _chain(self, launched):
         """The next verify step of launched's sequences, or None where it may not run yet:

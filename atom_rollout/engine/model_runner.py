@@ -102,9 +102,7 @@ class ModelRunner:
         yet. tables: the block manager's mirror, already grown for the step."""
         if not self.fused_speculation.can_chain(self.graphs, launched):
             return None
-        rows = np.array([s.table_row for s in launched.seqs], dtype=np.int64)
-        host = tables.gather(rows) if rows.min() >= 0 else \
-            _padded_tables([s.block_table for s in launched.seqs])
+        host = block_tables_of(launched.seqs, tables)
         device_tables = _upload_packed([host], self.device)[0]
         return self.fused_speculation.chain(self.graphs, launched, device_tables)
 
@@ -228,7 +226,7 @@ class ModelRunner:
         self._staged_sampling = None
         if batch.is_decode:
             host = self._decode_host(batch)
-        elif self._is_verify_only(batch):
+        elif self.is_verify_only(batch):
             host = self._verify_host(batch)
         else:
             host = self._general_host(batch)
@@ -271,7 +269,8 @@ class ModelRunner:
                             context_lens, tables], 1, int(context_lens.max()),
                            list(range(count)), seqs, [], rows, [], positions)
 
-    def _is_verify_only(self, batch: ScheduledBatch) -> bool:
+    def is_verify_only(self, batch: ScheduledBatch) -> bool:
+        """Every sequence computes its last token and its k drafts."""
         k1 = 0 if self.speculator is None else self.speculator.k + 1
         return bool(k1) and all(n == k1 for n in batch.num_new_tokens) and all(
             len(s.draft_tokens) + 1 == k1 and not s.is_score for s in batch.seqs)
@@ -329,12 +328,7 @@ class ModelRunner:
                            sample_seqs, score_rows, rows, verify_rows, None)
 
     def _block_tables(self, batch: ScheduledBatch) -> np.ndarray:
-        """[B, longest] int32, -1 padded: gathered from the block manager's mirror."""
-        if batch.tables is not None:
-            rows = np.array([s.table_row for s in batch.seqs], dtype=np.int64)
-            if rows.min() >= 0:
-                return batch.tables.gather(rows)
-        return _padded_tables([s.block_table for s in batch.seqs])
+        return block_tables_of(batch.seqs, batch.tables)
 
     def _upload(self, host: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu" or host.device.type != "cpu":  # e.g. _prepare's views
@@ -383,6 +377,16 @@ class ModelRunner:
 def _pinned_copy(device_tensor: torch.Tensor) -> torch.Tensor:
     host = torch.empty(device_tensor.shape, dtype=device_tensor.dtype, pin_memory=True)
     return host.copy_(device_tensor, non_blocking=True)
+
+
+def block_tables_of(seqs: list[Sequence], tables) -> np.ndarray:
+    """[B, longest] int32, -1 padded: gathered from the block manager's mirror (tables)
+    where every sequence has a row there."""
+    if tables is not None:
+        rows = np.array([s.table_row for s in seqs], dtype=np.int64)
+        if rows.min() >= 0:
+            return tables.gather(rows)
+    return _padded_tables([s.block_table for s in seqs])
 
 
 def _padded_tables(tables: list[list[int]]) -> np.ndarray:
