@@ -138,30 +138,37 @@ class BlockManager:
 
     def grow_if_free(self, seq: Sequence, num_new_tokens: int) -> bool:
         """grow(seq, num_new_tokens) when the free blocks cover it, so that no preemption
-        can be needed; False, doing nothing, otherwise. The scheduler's per-step path."""
-        missing = self._missing_blocks(seq, num_new_tokens)
-        if missing > len(self.free):
-            return False
-        self._extend(seq, num_new_tokens, missing)
-        return True
-
-    def grow(self, seq: Sequence, num_new_tokens: int) -> None:
-        """Room for a sequence's next tokens; the caller checked can_grow."""
-        self._extend(seq, num_new_tokens, self._missing_blocks(seq, num_new_tokens))
-
-    def _missing_blocks(self, seq: Sequence, num_new_tokens: int) -> int:
-        end = seq.num_computed_tokens + num_new_tokens + self.lookahead_slots
-        return -(-end // self.block_size) - len(seq.block_table)
-
-    def _extend(self, seq: Sequence, num_new_tokens: int, missing: int) -> None:
-        table = seq.block_table
-        if missing > 0:
+        can be needed; False, doing nothing, otherwise. The scheduler's per-sequence path
+        of every step, hence written out in one function."""
+        table, size = seq.block_table, self.block_size
+        end = seq.num_computed_tokens + num_new_tokens
+        uncovered = end + self.lookahead_slots - len(table) * size  # tokens without a slot
+        if uncovered > 0:
+            missing = -(-uncovered // size)
+            if missing > len(self.free):
+                return False
             start = len(table)
             for _ in range(missing):
                 table.append(self._take_free_block())
             self.tables.sync(seq, start)
         # Only verified tokens may enter the prefix cache, never drafts.
-        known = min(seq.num_computed_tokens + num_new_tokens, len(seq.token_ids))
+        known = len(seq.token_ids)
+        if end < known:
+            known = end
+        if known // size > seq.num_registered_blocks:
+            self._register_full_blocks(seq, known)
+        return True
+
+    def grow(self, seq: Sequence, num_new_tokens: int) -> None:
+        """Room for a sequence's next tokens; the caller checked can_grow."""
+        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens
+                                    + self.lookahead_slots)
+        if len(seq.block_table) < needed:
+            start = len(seq.block_table)
+            while len(seq.block_table) < needed:
+                seq.block_table.append(self._take_free_block())
+            self.tables.sync(seq, start)
+        known = min(seq.num_computed_tokens + num_new_tokens, seq.num_tokens)
         if known // self.block_size > seq.num_registered_blocks:
             self._register_full_blocks(seq, known)
 

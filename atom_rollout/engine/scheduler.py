@@ -75,7 +75,7 @@ class Scheduler:
             if seq.num_placeholders and seq.num_tokens >= seq.max_num_tokens:
                 ending += 1  # its in-flight token ends it: nothing left to compute
                 continue
-            num_new = seq.num_pending_tokens
+            num_new = len(seq.token_ids) + len(seq.draft_tokens) - seq.num_computed_tokens
             if num_new <= budget and not seq.is_score and grow_if_free(seq, num_new):
                 seqs.append(seq)  # no preemption was needed: batch.add, inlined
                 counts.append(num_new)
