@@ -284,3 +284,35 @@ def test_next_inputs_of_a_chained_step():
     assert graphs.context_lens.tolist() == [12, 6, 3]
     _write_next_inputs(graphs, size, out, drafts, starts + 1, live)  # row 0: 10..12
     assert graphs.slot_mapping[:3].tolist() == [9 * 4 + 2, 9 * 4 + 3, -1]  # 12: past width
+
+
+def test_cpu_weight_update_during_a_chain_drains_it_first(mtp_checkpoint):
+    """An update while a chained step is in flight first reads it back: the tokens of a
+    run whose weights are re-sent unchanged stay those of a run without the update, and
+    every token sampled before the update carries the old version."""
+    model_dir, _ = mtp_checkpoint
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=20, ignore_eos=True, seed=9)
+
+    def run(update: bool):
+        engine = RolloutEngine(model_dir, device="cpu", show_progress=False,
+                               num_speculative_tokens=2)
+        calls = _cpu_graphs(engine, (3,))
+        core = engine.core
+        seqs = core.add_request("r", PROMPTS[2], params)
+        while calls["chained"] < 2:
+            core.step()
+        known = [len(s.token_ids) for s in seqs]
+        if update:
+            assert core._in_flight is not None
+            core.update_weights_from_disk(model_dir, inflight="keep")  # the same weights
+            assert core._in_flight is None
+        while not all(s.is_finished for s in seqs):
+            core.step()
+        return seqs, known
+    plain, _ = run(False)
+    updated, known = run(True)
+    assert [s.token_ids for s in updated] == [s.token_ids for s in plain]
+    for seq, before in zip(updated, known):
+        first = seq.version_spans[0]
+        assert first[0] == 0 and first[2] - first[1] >= before - seq.num_prompt_tokens
+        assert seq.version_spans[-1][0] == 1
