@@ -263,7 +263,7 @@ def test_next_inputs_of_a_chained_step():
     from types import SimpleNamespace
 
     from atom_rollout.engine.fused_speculation import _write_next_inputs
-    k, bs, size = 2, 4, 3
+    bs, size = 4, 3  # k = 2 drafts
     graphs = SimpleNamespace(block_size=bs, input_ids=torch.full((9,), 7),
                              positions=torch.zeros(9, dtype=torch.int64),
                              slot_mapping=torch.zeros(9, dtype=torch.int64),
