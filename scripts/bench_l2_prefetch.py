@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_util import graph_us  # noqa: E402
 
 CHUNK_BYTES = 16384
 LANES = 128  # chunks per program
@@ -105,25 +109,6 @@ def step(x, layers, q, prefetch, side):
     return x
 
 
-def time_graph(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(30):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
-
-
 VARIANTS = [
     ("none", None),
     ("bulk next", ("bulk", 1, None)),
@@ -146,13 +131,13 @@ def main() -> None:
             for name, prefetch in VARIANTS:
                 if shape == "qwen3-8b" and prefetch and prefetch[2] is None:
                     continue
-                us = time_graph(lambda: step(x, layers, q, prefetch, side))
+                us = graph_us(lambda: step(x, layers, q, prefetch, side), 1, True)
                 rows.append(dict(shape=shape, batch=batch, variant=name, us_per_step=us,
                                  us_per_layer=us / len(layers)))
                 print(f"{shape:10s} b{batch:<4d} {name:16s} {us:9.1f} us "
                       f"{us / len(layers):7.2f} us/layer", flush=True)
             torch.backends.cuda.preferred_blas_library("cublaslt")
-            us = time_graph(lambda: step(x, layers, q, None, side))
+            us = graph_us(lambda: step(x, layers, q, None, side), 1, True)
             torch.backends.cuda.preferred_blas_library("cublas")
             rows.append(dict(shape=shape, batch=batch, variant="cublaslt", us_per_step=us,
                              us_per_layer=us / len(layers)))
