@@ -34,7 +34,7 @@ from ..kernels import AttentionMetadata
 from ..sampler.noise import _uniforms, signed64
 from ..sampler.speculative import verify
 from .cuda_graphs import DecodeGraphs
-from .packing import upload_packed
+from .packing import pinned_copy, upload_packed
 from .sequence import Sequence
 from .speculation import (_ACCEPT_SALT, _DRAFT_SALT, _FINAL_SALT, _SPEC_KEY, BufferedDraft,
                           MTPSpeculator, Proposal, RowKind, Verified, draft_distributions,
@@ -253,8 +253,7 @@ class FusedSpeculation:
         self.num_steps += 1
         if packed.device.type != "cuda":
             return FusedLaunch(seqs, size, kind, packed.clone(), None)
-        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-        host.copy_(packed, non_blocking=True)
+        host = pinned_copy(packed)
         done = torch.cuda.Event()
         done.record()
         return FusedLaunch(seqs, size, kind, host, done)

@@ -13,6 +13,7 @@ from ..models import DecoderForCausalLM
 from ..sampler import SamplingTensors, sample
 from .cuda_graphs import DecodeGraphs
 from .fused_speculation import FusedLaunch, FusedSpeculation
+from .packing import pinned_copy
 from .packing import upload_packed as _upload_packed
 from .sampling_rows import SamplingRowCache
 from .scheduler import ScheduledBatch
@@ -366,17 +367,12 @@ class ModelRunner:
         top = None if out.top_token_ids is None else (out.top_token_ids, out.top_logprobs)
         if self.device.type != "cuda":
             return Launched(seqs, stacked, top, None)
-        host = _pinned_copy(stacked)
+        host = pinned_copy(stacked)
         if top is not None:
-            top = (_pinned_copy(top[0]), _pinned_copy(top[1]))
+            top = (pinned_copy(top[0]), pinned_copy(top[1]))
         done = torch.cuda.Event()
         done.record()
         return Launched(seqs, host, top, done)
-
-
-def _pinned_copy(device_tensor: torch.Tensor) -> torch.Tensor:
-    host = torch.empty(device_tensor.shape, dtype=device_tensor.dtype, pin_memory=True)
-    return host.copy_(device_tensor, non_blocking=True)
 
 
 def block_tables_of(seqs: list[Sequence], tables) -> np.ndarray:

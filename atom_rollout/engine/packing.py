@@ -1,4 +1,5 @@
-"""One host->device copy for many small host arrays."""
+"""Host-device copies off the critical path: one host->device copy for many small host
+arrays, and device->host copies into pinned memory that do not wait."""
 from __future__ import annotations
 
 import numpy as np
@@ -44,3 +45,10 @@ def upload_packed(arrays: list[np.ndarray], device: torch.device) -> list[torch.
             view = view.view(torch.float32 if narrow else torch.float64)
         views.append(view.view(array.shape) if array.ndim != 1 else view)
     return views
+
+
+def pinned_copy(device_tensor: torch.Tensor) -> torch.Tensor:
+    """A pinned host tensor the device tensor is being copied into (asynchronously: wait
+    on an event recorded after this call before reading it)."""
+    host = torch.empty(device_tensor.shape, dtype=device_tensor.dtype, pin_memory=True)
+    return host.copy_(device_tensor, non_blocking=True)
