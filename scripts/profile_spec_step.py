@@ -127,7 +127,7 @@ def _print(case: dict) -> None:
     if "graph_steps" in case:
         print(f"  unprofiled: wall {case['timed_wall_us_per_step']:.0f} us/step; "
               f"{case['graph_steps']} graph steps, {case['graph_us_per_graph_step']:.0f} us "
-              f"of GPU each (copies + replay)")
+              f"of GPU each (replay)")
     for name, us in case["top_kernels_us_per_step"]:
         print(f"  {us:8.1f} us  {name}")
 

@@ -223,7 +223,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     _paged_attention_kernel[grid](
         out, part_acc, part_m, part_l, query, k_cache, v_cache,
         meta.query_start_loc, meta.context_lens, meta.block_tables,
-        meta.longest_first if ordered else meta.context_lens,
+        meta.longest_first if ordered else meta.context_lens,  # read only when ORDERED
         meta.num_seqs, num_heads, num_splits, q_blocks_per_seq, scale * LOG2E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
