@@ -58,10 +58,13 @@ def profiled_run(engine: RolloutEngine, prompts, params, top: int) -> dict:
 def timed_run(engine: RolloutEngine, prompts, params) -> dict:
     """Without the profiler: wall per step and, per speculative graph step, the GPU time
     of its replay (CUDA events), so that wall - graph is time the GPU waited for the
-    host (chained steps overlap the host's work with the replay before)."""
-    graphs = engine.core.runner.graphs
-    pairs, steps, inner = [], [], graphs.run_tail
-    core_step = engine.core.step
+    host (chained steps overlap the host's work with the replay before); also how many
+    graph steps were chained and how long the host waited in resolve (for the GPU)."""
+    runner = engine.core.runner
+    graphs, fused = runner.graphs, runner.fused_speculation
+    pairs, steps, chained, waits = [], [], [], []
+    inner, core_step, chain, resolve = graphs.run_tail, engine.core.step, fused.chain, \
+        runner.resolve
 
     def run_tail(*args):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -74,16 +77,30 @@ def timed_run(engine: RolloutEngine, prompts, params) -> dict:
     def counted():
         steps.append(1)
         return core_step()
-    graphs.run_tail, engine.core.step = run_tail, counted
+
+    def counted_chain(*args):
+        chained.append(1)
+        return chain(*args)
+
+    def timed_resolve(launched):
+        start = time.perf_counter()
+        out = resolve(launched)
+        waits.append(time.perf_counter() - start)
+        return out
+    graphs.run_tail, engine.core.step, fused.chain = run_tail, counted, counted_chain
+    runner.resolve = timed_resolve
     torch.cuda.synchronize()
     start = time.perf_counter()
     engine.generate_batch(prompts, params)
     torch.cuda.synchronize()
     wall = time.perf_counter() - start
-    graphs.run_tail, engine.core.step = inner, core_step
+    graphs.run_tail, engine.core.step, fused.chain = inner, core_step, chain
+    del runner.resolve
     graph_ms = [a.elapsed_time(b) for a, b in pairs]
     return {"timed_wall_us_per_step": wall / len(steps) * 1e6, "graph_steps": len(pairs),
-            "graph_us_per_graph_step": sum(graph_ms) / max(1, len(pairs)) * 1e3}
+            "graph_us_per_graph_step": sum(graph_ms) / max(1, len(pairs)) * 1e3,
+            "chained_steps": len(chained),
+            "resolve_wait_us_per_step": sum(waits) / len(steps) * 1e6}
 
 
 def main(argv=None) -> None:
@@ -127,7 +144,8 @@ def _print(case: dict) -> None:
     if "graph_steps" in case:
         print(f"  unprofiled: wall {case['timed_wall_us_per_step']:.0f} us/step; "
               f"{case['graph_steps']} graph steps, {case['graph_us_per_graph_step']:.0f} us "
-              f"of GPU each (replay)")
+              f"of GPU each (replay); {case['chained_steps']} chained; host waited "
+              f"{case['resolve_wait_us_per_step']:.0f} us/step in resolve")
     for name, us in case["top_kernels_us_per_step"]:
         print(f"  {us:8.1f} us  {name}")
 

@@ -34,6 +34,46 @@ def test_train_head_then_bench_speculation(tmp_path, monkeypatch, capsys):
     assert all(r["speedup"] > 0 for r in report["rows"])
 
 
+def test_train_head_on_saved_mixed_data_into_a_new_directory(tmp_path, capsys):
+    """Greedy and sampled data saved once and reused; a last-layer start, bf16 autocast;
+    the head lands in --out (which links the model's files), the model dir is untouched."""
+    model_dir, out, data = tmp_path / "demo", tmp_path / "with_head", tmp_path / "data.json"
+    shutil.copytree(DEMO, model_dir)
+    common = [str(model_dir), "--device", "cpu", "--steps", "2", "--prompts", "4", "--n", "2",
+              "--greedy-prompts", "3", "--batch", "4", "--eval-prompts", "4", "--k", "2",
+              "--data", str(data), "--max-tokens", "8"]
+    _load("train_mtp_head").main(common + ["--init", "last-layer", "--bf16", "--out", str(out)])
+    sequences = json.loads(data.read_text())
+    assert len(sequences) == 4 * 2 + 3
+    assert "num_nextn_predict_layers" not in json.loads((model_dir / "config.json").read_text())
+    assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    assert (out / "mtp.safetensors").exists() and (out / "model.safetensors").is_symlink()
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+             if line.startswith("{")]
+    assert [r["temperature"] for r in lines] == [1.0, 0.0]
+    data.write_text(json.dumps(sequences[:5]))  # reused as is, not made again
+    _load("train_mtp_head").main(common + ["--out", str(tmp_path / "second")])
+    assert "data: 5 sequences" in capsys.readouterr().out
+    _load("train_mtp_head").main([str(out), "--device", "cpu", "--steps", "0", "--k", "2",
+                                  "--eval-prompts", "4", "--max-tokens", "8"])
+    lines = capsys.readouterr().out.splitlines()  # measured only: nothing made or trained
+    assert [json.loads(line)["temperature"] for line in lines] == [1.0, 0.0]
+
+
+def test_copy_last_layer_starts_the_block_from_the_policys_last():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from atom_rollout.rl.mtp_head import MTPHead
+    policy = AutoModelForCausalLM.from_pretrained(DEMO)
+    head = MTPHead(policy)
+    _load("train_mtp_head")._copy_last_layer(head, policy)
+    last = policy.model.layers[-1]
+    assert torch.equal(head.layers[0].mlp.down_proj.weight, last.mlp.down_proj.weight)
+    assert torch.equal(head.layers[0].self_attn.q_proj.weight, last.self_attn.q_proj.weight)
+    assert head.layers[0].mlp.down_proj.weight.data_ptr() != last.mlp.down_proj.weight.data_ptr()
+
+
 def test_train_head_with_single_step_cross_entropy(tmp_path, capsys):
     model_dir = tmp_path / "demo"
     shutil.copytree(DEMO, model_dir)

@@ -131,6 +131,22 @@ def test_greedy_rows_take_first_argmax_and_report_raw(fused):
     assert tokens.tolist() == [40, 40, 170, 499, 40, 40]
 
 
+def test_greedy_pick_fused_equals_torch(fused):
+    """The speculative tail's argmax (sampler.greedy_pick): fused pass == log-softmax +
+    argmax, bf16 logits with a tie across chunks, more rows than the settings need."""
+    from atom_rollout.sampler.sampler import greedy_pick
+    rows, vocab = 5, 3000
+    logits = (torch.randn(rows, vocab, device=DEVICE) * 3).to(torch.bfloat16)
+    logits[1, [7, 2900]] = 20.0
+    settings = (torch.zeros(8, device=DEVICE),
+                torch.full((8,), 0.5, dtype=torch.float64, device=DEVICE))
+    tokens, logprobs = greedy_pick(logits, settings)
+    ref_tokens, ref_logprobs = greedy_pick(logits)
+    assert tokens.tolist() == ref_tokens.tolist() and tokens[1].item() == 7
+    assert ref_tokens.tolist() == logits.float().argmax(-1).tolist()
+    torch.testing.assert_close(logprobs, ref_logprobs, atol=1e-5, rtol=0)
+
+
 def test_min_p_rows(fused):
     rows, vocab = 8, 900
     logits = torch.randn(rows, vocab, device=DEVICE) * 4

@@ -32,7 +32,8 @@ import torch
 
 from ..kernels import AttentionMetadata
 from ..sampler.noise import _uniforms, signed64
-from ..sampler.speculative import verify
+from ..sampler.sampler import greedy_pick
+from ..sampler.speculative import greedy_verify, verify
 from .cuda_graphs import DecodeGraphs
 from .packing import pinned_copy, upload_packed
 from .sequence import Sequence
@@ -77,6 +78,9 @@ class _StaticRows:
         salts = [_ACCEPT_SALT + i for i in range(k)] + [_FINAL_SALT]  # verify's k + 1 draws
         self.verify_salts = torch.tensor(salts, dtype=torch.int64, **new)
         self.draft_salts = torch.arange(k, dtype=torch.int64, **new) + _DRAFT_SALT
+        rows = max_batch * (k + 1)  # the fused argmax's settings for greedy rows
+        self.greedy_settings = (torch.zeros(rows, dtype=torch.float32, **new),
+                                torch.full((rows,), 0.5, dtype=torch.float64, **new))
         self.max_batch, self.k, self.device = max_batch, k, device
         self.draft_logp: torch.Tensor | None = None  # [max_batch, k, V], on first sampled use
 
@@ -109,6 +113,8 @@ class _Tail:
 
     def __init__(self, speculator: MTPSpeculator, rows: _StaticRows, kind: RowKind):
         self.spec, self.rows, self.kind, self.key = speculator, rows, kind, ("spec", kind)
+        # Triton kernels: greedy rows take the fused sampling pass's argmax
+        self.fused_argmax = rows.greedy_settings if speculator.ops.name == "triton" else None
 
     def __call__(self, graphs: DecodeGraphs, hidden: torch.Tensor, size: int) -> torch.Tensor:
         k1 = self.spec.k + 1
@@ -131,11 +137,12 @@ class _Tail:
 
     def _verify(self, graphs, hidden, size, params: _Params, counters):
         k, k1 = self.spec.k, self.spec.k + 1
-        logits = self.spec.model.compute_logits(hidden)
-        target = processed_rows(logits, params.repeated(k1)).view(size, k1, -1)
         drafts = graphs.input_ids[:size * k1].view(size, k1)[:, 1:]
         if self.kind.all_greedy:
-            return verify(target, None, drafts, None, None, params.greedy, all_greedy=True)
+            tokens, logprobs = self._argmax(hidden)
+            return greedy_verify(tokens.view(size, k1), logprobs.view(size, k1), drafts)
+        logits = self.spec.model.compute_logits(hidden)
+        target = processed_rows(logits, params.repeated(k1)).view(size, k1, -1)
         uniforms = _uniforms(self.rows.keys[:size, None],
                              counters[:, None] * 16 + self.rows.verify_salts)  # [size, k1]
         draft_logp = self.rows.draft_buffer(target.shape[-1])[:size]
@@ -152,8 +159,11 @@ class _Tail:
             self.rows.keys[:size, None], counters[:, None] * 16 + self.rows.draft_salts)
         drafts = []
         for j in range(k):
-            token, logp = draft_rows(self.spec.model.compute_logits(previous), params,
-                                     None if uniforms is None else uniforms[:, j])
+            if self.kind.all_greedy:
+                token, logp = self._argmax(previous)[0], None
+            else:
+                token, logp = draft_rows(self.spec.model.compute_logits(previous), params,
+                                         uniforms[:, j])
             drafts.append(token)
             if logp is not None:
                 self.rows.draft_buffer(logp.shape[-1])[:size, j].copy_(logp)
@@ -167,6 +177,11 @@ class _Tail:
                                      max_context_len=graphs.max_context_len)
             previous = self.spec.run_mtp(previous, token, positions, meta)
         return torch.stack(drafts, dim=1)
+
+    def _argmax(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LM head's argmax per row and its log-softmax value."""
+        logits = self.spec.model.compute_logits(hidden, as_float32=self.fused_argmax is None)
+        return greedy_pick(logits, self.fused_argmax)
 
 
 def _write_next_inputs(graphs: DecodeGraphs, size: int, out, drafts: torch.Tensor,

@@ -58,6 +58,24 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
     return _output(tokens, logp, raw, st)
 
 
+def greedy_pick(logits: torch.Tensor, fused_settings: tuple[torch.Tensor, torch.Tensor] | None
+                = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row the argmax (the first index among ties) and its log-softmax value, float32.
+
+    fused_settings: (float32 zeros, float64 uniforms in (0, 1)), each at least [R], to
+    run the fused Triton pass (two launches over chunks of the row, reading the logits in
+    their own dtype) instead of a float32 copy, a log-softmax and an argmax."""
+    if fused_settings is None:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        tokens = logp.argmax(dim=-1)
+        return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+    from ..kernels.triton.sampling import fused_sample
+    zeros, uniforms = (t[:logits.shape[0]] for t in fused_settings)
+    tokens, logprobs, _ = fused_sample(logits, zeros, zeros, uniforms, None, False,
+                                       use_min_p=False)
+    return tokens, logprobs
+
+
 def _output(tokens: torch.Tensor, logp: torch.Tensor, raw: torch.Tensor | None,
             st: SamplingTensors) -> SamplerOutput:
     picked = tokens[:, None]

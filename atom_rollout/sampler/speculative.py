@@ -34,18 +34,15 @@ def verify(target_logp: torch.Tensor, draft_logp: torch.Tensor | None,
     rows, k = draft_tokens.shape
     target_argmax = target_logp.argmax(dim=-1)  # [R, k + 1]
     if all_greedy:
-        accepted = draft_tokens == target_argmax[:, :k]
-    else:
-        p_draft = target_logp[:, :k].gather(-1, draft_tokens[..., None])[..., 0].double().exp()
-        q_draft = draft_logp.gather(-1, draft_tokens[..., None])[..., 0].double().exp()
-        accepted = torch.where(greedy[:, None], draft_tokens == target_argmax[:, :k],
-                               accept_uniforms * q_draft < p_draft)
+        argmax_logp = target_logp.gather(-1, target_argmax[..., None])[..., 0].float()
+        return greedy_verify(target_argmax, argmax_logp, draft_tokens)
+    p_draft = target_logp[:, :k].gather(-1, draft_tokens[..., None])[..., 0].double().exp()
+    q_draft = draft_logp.gather(-1, draft_tokens[..., None])[..., 0].double().exp()
+    accepted = torch.where(greedy[:, None], draft_tokens == target_argmax[:, :k],
+                           accept_uniforms * q_draft < p_draft)
     num_accepted = torch.cumprod(accepted.long(), dim=1).sum(dim=1)  # leading run of accepts
-    if all_greedy:
-        final = target_argmax.gather(1, num_accepted[:, None])[:, 0]
-    else:
-        final = _final_token(target_logp, draft_logp, num_accepted, final_uniforms, greedy,
-                             target_argmax)
+    final = _final_token(target_logp, draft_logp, num_accepted, final_uniforms, greedy,
+                         target_argmax)
     positions = torch.arange(k + 1, device=draft_tokens.device)
     padded_drafts = torch.cat([draft_tokens, draft_tokens.new_full((rows, 1), -1)], dim=1)
     tokens = torch.where(positions < num_accepted[:, None], padded_drafts, -1)
@@ -53,6 +50,21 @@ def verify(target_logp: torch.Tensor, draft_logp: torch.Tensor | None,
     logprobs = target_logp.gather(-1, tokens.clamp(min=0)[..., None])[..., 0].float()
     emitted = positions <= num_accepted[:, None]
     return VerifyOutput(tokens, logprobs.masked_fill(~emitted, 0.0), num_accepted + 1,
+                        num_accepted)
+
+
+def greedy_verify(target_tokens: torch.Tensor, target_logprobs: torch.Tensor,
+                  draft_tokens: torch.Tensor) -> VerifyOutput:
+    """Verification when every row is greedy, from the target's argmax [R, k + 1] and its
+    logprob [R, k + 1] at each position: a draft is accepted iff it is the argmax, and
+    every emitted token (accepted drafts, then the argmax after them) is the argmax."""
+    k = draft_tokens.shape[1]
+    accepted = draft_tokens == target_tokens[:, :k]
+    num_accepted = torch.cumprod(accepted.long(), dim=1).sum(dim=1)  # leading run of accepts
+    positions = torch.arange(k + 1, device=draft_tokens.device)
+    emitted = positions <= num_accepted[:, None]
+    return VerifyOutput(torch.where(emitted, target_tokens, -1),
+                        target_logprobs.float().masked_fill(~emitted, 0.0), num_accepted + 1,
                         num_accepted)
 
 
