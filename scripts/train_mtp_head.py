@@ -56,8 +56,9 @@ def distillation_data(model_dir: str, args) -> list[list[int]]:
         outs += engine.generate_batch(prompts[args.prompts:], greedy)
     sequences = [p + s.token_ids for p, o in zip(prompts, outs) for s in o.samples]
     if args.data:
-        with open(args.data, "w") as f:
+        with open(args.data + ".part", "w") as f:
             json.dump(sequences, f)
+        os.replace(args.data + ".part", args.data)  # whole or absent for another process
     return sequences
 
 
@@ -68,7 +69,11 @@ def train(policy, sequences: list[list[int]], args) -> MTPHead:
     optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(args.steps))
     generator = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
     for step in range(args.steps):
+        if args.max_seconds and time.perf_counter() - start > args.max_seconds:
+            print(f"stopped at step {step}: --max-seconds {args.max_seconds}")
+            break
         batch = [sequences[i] for i in torch.randint(len(sequences), (args.batch,),
                                                      generator=generator).tolist()]
         ids, mask = _padded(batch, args.device)
@@ -168,6 +173,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=300,
                         help="0: only measure the acceptance of MODEL_DIR's head")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="stop training early (the schedule is cut short) after this")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--eval-prompts", type=int, default=256)
