@@ -27,10 +27,11 @@ def test_train_head_then_bench_speculation(tmp_path, monkeypatch, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(result["acceptance_by_position"]) == 2
     monkeypatch.setenv("OUT", str(tmp_path))
-    _load("bench_speculative").main([str(model_dir), "--device", "cpu", "--batches", "2",
-                                     "--max-tokens", "8", "--k", "2"])
+    _load("bench_speculative").main([str(model_dir), "--device", "cpu", "--batches", "1,2",
+                                     "--max-tokens", "8", "--k", "2", "--single-prompts", "2"])
     report = json.loads((tmp_path / "speculative.json").read_text())
-    assert [r["temperature"] for r in report["rows"]] == [0.0, 1.0]
+    assert [(r["batch"], r["temperature"]) for r in report["rows"]] == [
+        (1, 0.0), (1, 1.0), (2, 0.0), (2, 1.0)]
     assert all(r["speedup"] > 0 for r in report["rows"])
 
 
