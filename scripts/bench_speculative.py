@@ -120,7 +120,7 @@ def bench_engine(args, k: int, eager: bool, cases) -> list[dict]:
     results = []
     for batch, temperature, groups in cases:
         longest = max(len(p) for prompts in groups for p in prompts)
-        params = SamplingParams(temperature=temperature, ignore_eos=True, seed=0,
+        params = SamplingParams(temperature=temperature, ignore_eos=not args.stop_at_eos, seed=0,
                                 max_tokens=min(args.max_tokens,
                                                engine.core.max_model_len - longest - 1))
         before = (engine.core.drafts_proposed, list(engine.core.drafts_accepted_at))
@@ -145,6 +145,8 @@ def main(argv=None) -> None:
     parser.add_argument("--eager-too", action="store_true",
                         help="also time both engines with enforce_eager (no CUDA graphs)")
     parser.add_argument("--prompts-file", default=None)
+    parser.add_argument("--stop-at-eos", action="store_true",
+                        help="sequences end at EOS (as rollouts do) instead of at --max-tokens")
     parser.add_argument("--single-prompts", type=int, default=8,
                         help="batch 1: this many prompts, one after another")
     parser.add_argument("--template", default="{a}{op}{b}=",
