@@ -147,6 +147,23 @@ def test_greedy_pick_fused_equals_torch(fused):
     torch.testing.assert_close(logprobs, ref_logprobs, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scaled_log_softmax_equals_the_torch_processing(fused, dtype):
+    """Speculation's one-pass processed rows: log_softmax(logits / T), T = 0 as 1, a
+    vocabulary that is not a multiple of the block, a strided input."""
+    from atom_rollout.kernels.triton.scaled_log_softmax import scaled_log_softmax
+    rows, vocab = 5, 4100
+    wide = (torch.randn(rows, vocab + 7, device=DEVICE) * 4).to(dtype)
+    logits = wide[:, :vocab]
+    temp = torch.tensor([1.0, 0.0, 0.7, 1.6, 0.05], device=DEVICE)
+    expected = processed_logprobs(logits.float(), temp, torch.zeros(rows, dtype=torch.int64,
+                                  device=DEVICE), torch.ones(rows, device=DEVICE),
+                                  torch.zeros(rows, device=DEVICE), False, False)
+    got = scaled_log_softmax(logits, temp)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-6)
+
+
 def test_min_p_rows(fused):
     rows, vocab = 8, 900
     logits = torch.randn(rows, vocab, device=DEVICE) * 4

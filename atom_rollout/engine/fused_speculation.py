@@ -39,7 +39,7 @@ from .packing import pinned_copy, upload_packed
 from .sequence import Sequence
 from .speculation import (_ACCEPT_SALT, _DRAFT_SALT, _FINAL_SALT, _SPEC_KEY, BufferedDraft,
                           MTPSpeculator, Proposal, RowKind, Verified, draft_distributions,
-                          draft_rows, processed_rows)
+                          draft_rows, row_logprobs)
 
 
 @dataclass
@@ -114,7 +114,7 @@ class _Tail:
     def __init__(self, speculator: MTPSpeculator, rows: _StaticRows, kind: RowKind):
         self.spec, self.rows, self.kind, self.key = speculator, rows, kind, ("spec", kind)
         # Triton kernels: greedy rows take the fused sampling pass's argmax
-        self.fused_argmax = rows.greedy_settings if speculator.ops.name == "triton" else None
+        self.fused_argmax = rows.greedy_settings if speculator.fused else None
 
     def __call__(self, graphs: DecodeGraphs, hidden: torch.Tensor, size: int) -> torch.Tensor:
         k1 = self.spec.k + 1
@@ -141,8 +141,8 @@ class _Tail:
         if self.kind.all_greedy:
             tokens, logprobs = self._argmax(hidden)
             return greedy_verify(tokens.view(size, k1), logprobs.view(size, k1), drafts)
-        logits = self.spec.model.compute_logits(hidden)
-        target = processed_rows(logits, params.repeated(k1)).view(size, k1, -1)
+        target = row_logprobs(self.spec.model, hidden, params.repeated(k1), self.spec.fused)
+        target = target.view(size, k1, -1)
         uniforms = _uniforms(self.rows.keys[:size, None],
                              counters[:, None] * 16 + self.rows.verify_salts)  # [size, k1]
         draft_logp = self.rows.draft_buffer(target.shape[-1])[:size]
@@ -162,8 +162,8 @@ class _Tail:
             if self.kind.all_greedy:
                 token, logp = self._argmax(previous)[0], None
             else:
-                token, logp = draft_rows(self.spec.model.compute_logits(previous), params,
-                                         uniforms[:, j])
+                token, logp = draft_rows(self.spec.model, previous, params, uniforms[:, j],
+                                         self.spec.fused)
             drafts.append(token)
             if logp is not None:
                 self.rows.draft_buffer(logp.shape[-1])[:size, j].copy_(logp)

@@ -102,6 +102,7 @@ class MTPSpeculator:
     def __init__(self, model, ops: KernelOps, mtp_kv, num_draft: int, block_size: int,
                  device: torch.device):
         self.model, self.ops, self.kv = model, ops, mtp_kv
+        self.fused = ops.name == "triton"  # Triton passes for argmax / processed rows
         self.layer = model.mtp.layers[0]
         self.k, self.block_size, self.device = num_draft, block_size, device
         self.tables: StepTables | None = None  # set by the runner before each step
@@ -119,7 +120,7 @@ class MTPSpeculator:
         views = dict(zip(arrays, upload_packed(list(arrays.values()), self.device))) \
             if arrays else {}
         selected = hidden[:len(rows) * k1] if "rows" not in views else hidden[views["rows"]]
-        target = processed_rows(self.model.compute_logits(selected), params)
+        target = row_logprobs(self.model, selected, params, self.fused)
         if drafts is None:
             drafts = views["drafts"]
             draft_logp = None if params.kind.all_greedy else \
@@ -183,8 +184,9 @@ class MTPSpeculator:
             previous = previous[plan.previous_rows]
         tokens, logps = [], []
         for j in range(self.k):
-            token, logp = draft_rows(self.model.compute_logits(previous), params,
-                                     None if plan.uniforms is None else plan.uniforms[j])
+            token, logp = draft_rows(self.model, previous, params,
+                                     None if plan.uniforms is None else plan.uniforms[j],
+                                     self.fused)
             tokens.append(token)
             logps.append(logp)
             if j + 1 < self.k:
@@ -252,13 +254,28 @@ def processed_rows(logits: torch.Tensor, params) -> torch.Tensor:
     return torch.where(params.greedy_rows, torch.log_softmax(logits, dim=-1), logp)
 
 
-def draft_rows(logits: torch.Tensor, params, uniforms: torch.Tensor | None):
-    """One draft token per row and the processed distribution it was drawn from: the
-    argmax for greedy rows, else an inverse-CDF draw. All-greedy rows need no
+def row_logprobs(model, hidden: torch.Tensor, params, fused: bool) -> torch.Tensor:
+    """processed_rows of the LM head's logits for hidden's rows. fused (Triton kernels):
+    kinds without top-k, top-p or min-p take one pass over the logits in the model dtype
+    (kernels/triton/scaled_log_softmax.py; a greedy row's temperature 0 counts as 1,
+    which is its plain log-softmax)."""
+    kind = params.kind
+    one_pass = fused and not (kind.all_greedy or kind.use_sort or kind.use_min_p)
+    logits = model.compute_logits(hidden, as_float32=not one_pass)
+    if not one_pass:
+        return processed_rows(logits, params)
+    from ..kernels.triton.scaled_log_softmax import scaled_log_softmax
+    return scaled_log_softmax(logits, params.temperature)
+
+
+def draft_rows(model, hidden: torch.Tensor, params, uniforms: torch.Tensor | None,
+               fused: bool = False):
+    """One draft token per row of hidden and the processed distribution it was drawn
+    from: the argmax for greedy rows, else an inverse-CDF draw. All-greedy rows need no
     distribution (verification only compares argmaxes): (tokens, None)."""
     if params.kind.all_greedy:
-        return logits.argmax(dim=-1), None
-    logp = processed_rows(logits, params)
+        return model.compute_logits(hidden).argmax(dim=-1), None
+    logp = row_logprobs(model, hidden, params, fused)
     token = blocked_inverse_cdf(logp.exp(), uniforms)
     if params.kind.any_greedy:
         token = torch.where(params.greedy, logp.argmax(dim=-1), token)
