@@ -147,8 +147,8 @@ def test_greedy_pick_fused_equals_torch(fused):
     torch.testing.assert_close(logprobs, ref_logprobs, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_scaled_log_softmax_equals_the_torch_processing(fused, dtype):
+@pytest.mark.parametrize("dtype,block", [(torch.float32, None), (torch.bfloat16, 512)])
+def test_scaled_log_softmax_equals_the_torch_processing(fused, dtype, block):
     """Speculation's one-pass processed rows: log_softmax(logits / T), T = 0 as 1, a
     vocabulary that is not a multiple of the block, a strided input."""
     from atom_rollout.kernels.triton.scaled_log_softmax import scaled_log_softmax
@@ -159,7 +159,7 @@ def test_scaled_log_softmax_equals_the_torch_processing(fused, dtype):
     expected = processed_logprobs(logits.float(), temp, torch.zeros(rows, dtype=torch.int64,
                                   device=DEVICE), torch.ones(rows, device=DEVICE),
                                   torch.zeros(rows, device=DEVICE), False, False)
-    got = scaled_log_softmax(logits, temp)
+    got = scaled_log_softmax(logits, temp, block=block)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-6)
 

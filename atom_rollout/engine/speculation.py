@@ -259,27 +259,38 @@ def row_logprobs(model, hidden: torch.Tensor, params, fused: bool) -> torch.Tens
     kinds without top-k, top-p or min-p take one pass over the logits in the model dtype
     (kernels/triton/scaled_log_softmax.py; a greedy row's temperature 0 counts as 1,
     which is its plain log-softmax)."""
-    kind = params.kind
-    one_pass = fused and not (kind.all_greedy or kind.use_sort or kind.use_min_p)
-    logits = model.compute_logits(hidden, as_float32=not one_pass)
-    if not one_pass:
-        return processed_rows(logits, params)
+    if not _one_pass(params.kind, fused):
+        return processed_rows(model.compute_logits(hidden), params)
     from ..kernels.triton.scaled_log_softmax import scaled_log_softmax
-    return scaled_log_softmax(logits, params.temperature)
+    return scaled_log_softmax(model.compute_logits(hidden, as_float32=False), params.temperature)
 
 
 def draft_rows(model, hidden: torch.Tensor, params, uniforms: torch.Tensor | None,
                fused: bool = False):
     """One draft token per row of hidden and the processed distribution it was drawn
     from: the argmax for greedy rows, else an inverse-CDF draw. All-greedy rows need no
-    distribution (verification only compares argmaxes): (tokens, None)."""
+    distribution (verification only compares argmaxes): (tokens, None). fused: kinds
+    without top-k, top-p or min-p draw with the fused sampling pass (the same inverse CDF
+    over the same distribution, read from the logits in the model dtype)."""
     if params.kind.all_greedy:
         return model.compute_logits(hidden).argmax(dim=-1), None
-    logp = row_logprobs(model, hidden, params, fused)
+    if _one_pass(params.kind, fused):
+        from ..kernels.triton.sampling import fused_sample
+        from ..kernels.triton.scaled_log_softmax import scaled_log_softmax
+        logits = model.compute_logits(hidden, as_float32=False)
+        token, _, _ = fused_sample(logits, params.temperature, params.min_p, uniforms, None,
+                                   False, use_min_p=False)  # greedy rows: the argmax
+        return token, scaled_log_softmax(logits, params.temperature)
+    logp = processed_rows(model.compute_logits(hidden), params)
     token = blocked_inverse_cdf(logp.exp(), uniforms)
     if params.kind.any_greedy:
         token = torch.where(params.greedy, logp.argmax(dim=-1), token)
     return token, logp
+
+
+def _one_pass(kind: "RowKind", fused: bool) -> bool:
+    """Rows the Triton passes serve: sampled kinds without top-k, top-p or min-p."""
+    return fused and not (kind.all_greedy or kind.use_sort or kind.use_min_p)
 
 
 @dataclass
