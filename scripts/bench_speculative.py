@@ -1,7 +1,7 @@
 """Decode speed with and without MTP speculation, and draft acceptance per position.
 
     python scripts/bench_speculative.py MODEL_DIR_WITH_MTP [--k 3] [--batches 1,16,64]
-        [--eager-too] [--prompts-file FILE] [--single-prompts 8]
+        [--eager-too] [--prompts-file FILE] [--single-prompts 8] [--stop-at-eos]
 
 For each batch size and temperature (0 and 1): output tokens per second of the same
 prompts through an engine without speculation and one with k drafts per step, the
@@ -14,7 +14,8 @@ or {"prompt": text} / {"prompt_ids": [...]}), else arithmetic problems
 ids, on which acceptance means little. Prompts repeat to fill a batch. Batch 1 runs
 --single-prompts different prompts one after another and reports their tokens over
 their summed time: one prompt's acceptance is one trajectory's (--single-prompts 1: the
-first prompt alone, as before 2026-11-27). Each batch (each prompt at batch 1) is timed
+first prompt alone, as before 2026-11-27). Sequences run to --max-tokens (ignore_eos) unless
+--stop-at-eos, which ends them at EOS as rollouts end. Each batch (each prompt at batch 1) is timed
 best of 2 after a short warm-up. Prints a table; writes JSON to $OUT.
 """
 from __future__ import annotations
