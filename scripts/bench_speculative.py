@@ -14,9 +14,9 @@ or {"prompt": text} / {"prompt_ids": [...]}), else arithmetic problems
 ids, on which acceptance means little. Prompts repeat to fill a batch. Batch 1 runs
 --single-prompts different prompts one after another and reports their tokens over
 their summed time: one prompt's acceptance is one trajectory's (--single-prompts 1: the
-first prompt alone, as before 2026-11-27). Sequences run to --max-tokens (ignore_eos) unless
---stop-at-eos, which ends them at EOS as rollouts end. Each batch (each prompt at batch 1) is timed
-best of 2 after a short warm-up. Prints a table; writes JSON to $OUT.
+first prompt alone, as before 2026-11-27). Sequences run to --max-tokens (ignore_eos)
+unless --stop-at-eos, which ends them at EOS as rollouts end. Each batch (each prompt at
+batch 1) is timed best of 2 after a short warm-up. Prints a table; writes JSON to $OUT.
 """
 from __future__ import annotations
 
