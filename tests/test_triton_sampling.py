@@ -164,6 +164,30 @@ def test_scaled_log_softmax_equals_the_torch_processing(fused, dtype, block):
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-6)
 
 
+def test_speculative_draft_rows_fused_draw_the_torch_tokens(fused):
+    """engine.speculation.draft_rows with the Triton passes (sampled rows, one greedy row)
+    draws the torch path's tokens and returns its processed distribution."""
+    from types import SimpleNamespace
+
+    from atom_rollout.engine.speculation import RowKind, draft_rows
+    rows, vocab = 6, 3000
+    logits = (torch.randn(rows, vocab, device=DEVICE) * 3).to(torch.bfloat16)
+    model = SimpleNamespace(compute_logits=lambda hidden, as_float32=True:
+                            logits.float() if as_float32 else logits)
+    temp = torch.tensor([1.0, 0.7, 0.0, 1.3, 1.0, 0.9], device=DEVICE)
+    params = SimpleNamespace(
+        kind=RowKind(False, True, False, False), temperature=temp,
+        top_k=torch.zeros(rows, dtype=torch.int64, device=DEVICE),
+        top_p=torch.ones(rows, device=DEVICE), min_p=torch.zeros(rows, device=DEVICE),
+        greedy=temp == 0, greedy_rows=(temp == 0)[:, None])
+    uniforms = _uniforms(rows)
+    tokens, logp = draft_rows(model, None, params, uniforms, fused=True)
+    ref_tokens, ref_logp = draft_rows(model, None, params, uniforms, fused=False)
+    assert tokens.tolist() == ref_tokens.tolist()
+    assert tokens[2].item() == logits[2].float().argmax().item()
+    torch.testing.assert_close(logp, ref_logp, atol=2e-5, rtol=1e-6)
+
+
 def test_min_p_rows(fused):
     rows, vocab = 8, 900
     logits = torch.randn(rows, vocab, device=DEVICE) * 4
