@@ -101,12 +101,7 @@ class Sequence:
         """append_token for each, in one go (a speculative step's emitted tokens)."""
         self.token_ids.extend(token_ids)
         self.logprobs.extend(logprobs)
-        end = len(self.logprobs)
-        spans = self.version_spans
-        if spans and spans[-1][0] == weight_version:
-            spans[-1][2] = end
-        else:
-            spans.append([weight_version, end - len(logprobs), end])
+        self._extend_span(len(logprobs), weight_version)
 
     def add_placeholder(self, sample_row: int) -> None:
         self.token_ids.append(PLACEHOLDER)
@@ -130,9 +125,14 @@ class Sequence:
     def _record(self, logprob: float, weight_version: int) -> None:
         """Logprob and version span of the newest known output token."""
         self.logprobs.append(logprob)
-        end = len(self.logprobs)  # one logprob per known output token
+        self._extend_span(1, weight_version)
+
+    def _extend_span(self, count: int, weight_version: int) -> None:
+        """The version spans after the newest ``count`` logprobs (one per known output
+        token) came from weights of ``weight_version``."""
+        end = len(self.logprobs)
         spans = self.version_spans
         if spans and spans[-1][0] == weight_version:
             spans[-1][2] = end
         else:
-            spans.append([weight_version, end - 1, end])
+            spans.append([weight_version, end - count, end])
