@@ -162,6 +162,11 @@ def test_scaled_log_softmax_equals_the_torch_processing(fused, dtype, block):
     got = scaled_log_softmax(logits, temp, block=block)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-6)
+    buffer = torch.zeros(rows, 3, vocab, device=DEVICE)  # rows of a [B, k, V] buffer
+    written = scaled_log_softmax(logits, temp, block=block, out=buffer[:, 1])
+    assert written.data_ptr() == buffer[:, 1].data_ptr()
+    torch.testing.assert_close(buffer[:, 1], got, atol=0, rtol=0)
+    assert not buffer[:, [0, 2]].any()
 
 
 def test_speculative_draft_rows_fused_draw_the_torch_tokens(fused):
@@ -186,6 +191,11 @@ def test_speculative_draft_rows_fused_draw_the_torch_tokens(fused):
     assert tokens.tolist() == ref_tokens.tolist()
     assert tokens[2].item() == logits[2].float().argmax().item()
     torch.testing.assert_close(logp, ref_logp, atol=2e-5, rtol=1e-6)
+    for fused_pass in (True, False):  # out=: straight into a [B, k, V] buffer's rows
+        buffer = torch.zeros(rows, 2, vocab, device=DEVICE)
+        draft_rows(model, None, params, uniforms, fused=fused_pass, out=buffer[:, 1])
+        torch.testing.assert_close(buffer[:, 1], logp, atol=2e-5, rtol=1e-6)
+        assert not buffer[:, 0].any()
 
 
 def test_min_p_rows(fused):

@@ -147,7 +147,7 @@ class _Tail:
                              counters[:, None] * 16 + self.rows.verify_salts)  # [size, k1]
         draft_logp = self.rows.draft_buffer(target.shape[-1])[:size]
         return verify(target, draft_logp, drafts, uniforms[:, :k], uniforms[:, k],
-                      params.greedy)
+                      params.greedy, any_greedy=self.kind.any_greedy, fused=self.spec.fused)
 
     def _chain(self, graphs, previous, size, params: _Params, counters, first, live):
         """k drafts per row; the MTP layer runs k - 1 times, one row per sequence, at
@@ -157,16 +157,16 @@ class _Tail:
         arange = torch.arange(size, device=previous.device)
         uniforms = None if self.kind.all_greedy else _uniforms(  # [size, k], one per draft
             self.rows.keys[:size, None], counters[:, None] * 16 + self.rows.draft_salts)
+        buffer = None if self.kind.all_greedy else \
+            self.rows.draft_buffer(self.spec.model.spec.vocab_size)
         drafts = []
         for j in range(k):
             if self.kind.all_greedy:
-                token, logp = self._argmax(previous)[0], None
-            else:
-                token, logp = draft_rows(self.spec.model, previous, params, uniforms[:, j],
-                                         self.spec.fused)
+                token = self._argmax(previous)[0]
+            else:  # the distribution goes straight into the draft buffer
+                token, _ = draft_rows(self.spec.model, previous, params, uniforms[:, j],
+                                      self.spec.fused, out=buffer[:size, j])
             drafts.append(token)
-            if logp is not None:
-                self.rows.draft_buffer(logp.shape[-1])[:size, j].copy_(logp)
             if j + 1 == k:
                 break
             positions = torch.where(live, first + j, 0)

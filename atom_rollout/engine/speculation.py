@@ -129,7 +129,8 @@ class MTPSpeculator:
         out = verify(target.view(len(seqs), k1, -1), draft_logp, drafts,
                      None if uniforms is None else uniforms[:k].t(),
                      None if uniforms is None else uniforms[k], params.greedy,
-                     all_greedy=params.kind.all_greedy)
+                     all_greedy=params.kind.all_greedy, any_greedy=params.kind.any_greedy,
+                     fused=self.fused)
         host = torch.cat([out.token_ids.double(), out.logprobs.double(),
                           out.num_accepted[:, None].double()], dim=1).cpu().numpy()  # one sync
         tokens = host[:, :k1].astype(np.int64).tolist()
@@ -266,12 +267,13 @@ def row_logprobs(model, hidden: torch.Tensor, params, fused: bool) -> torch.Tens
 
 
 def draft_rows(model, hidden: torch.Tensor, params, uniforms: torch.Tensor | None,
-               fused: bool = False):
+               fused: bool = False, out: torch.Tensor | None = None):
     """One draft token per row of hidden and the processed distribution it was drawn
     from: the argmax for greedy rows, else an inverse-CDF draw. All-greedy rows need no
     distribution (verification only compares argmaxes): (tokens, None). fused: kinds
     without top-k, top-p or min-p draw with the fused sampling pass (the same inverse CDF
-    over the same distribution, read from the logits in the model dtype)."""
+    over the same distribution, read from the logits in the model dtype). out: a float32
+    [R, V] view the distribution is written to (and returned)."""
     if params.kind.all_greedy:
         return model.compute_logits(hidden).argmax(dim=-1), None
     if _one_pass(params.kind, fused):
@@ -280,12 +282,12 @@ def draft_rows(model, hidden: torch.Tensor, params, uniforms: torch.Tensor | Non
         logits = model.compute_logits(hidden, as_float32=False)
         token, _, _ = fused_sample(logits, params.temperature, params.min_p, uniforms, None,
                                    False, use_min_p=False)  # greedy rows: the argmax
-        return token, scaled_log_softmax(logits, params.temperature)
+        return token, scaled_log_softmax(logits, params.temperature, out=out)
     logp = processed_rows(model.compute_logits(hidden), params)
     token = blocked_inverse_cdf(logp.exp(), uniforms)
     if params.kind.any_greedy:
         token = torch.where(params.greedy, logp.argmax(dim=-1), token)
-    return token, logp
+    return token, logp if out is None else out.copy_(logp)
 
 
 def _one_pass(kind: "RowKind", fused: bool) -> bool:

@@ -26,16 +26,27 @@ class VerifyOutput:
 def verify(target_logp: torch.Tensor, draft_logp: torch.Tensor | None,
            draft_tokens: torch.Tensor, accept_uniforms: torch.Tensor | None,
            final_uniforms: torch.Tensor | None, greedy: torch.Tensor,
-           all_greedy: bool = False) -> VerifyOutput:
+           all_greedy: bool = False, any_greedy: bool = True,
+           fused: bool = False) -> VerifyOutput:
     """target_logp [R, k+1, V] and draft_logp [R, k, V] processed log-probabilities;
     draft_tokens [R, k]; accept_uniforms [R, k] and final_uniforms [R] in (0, 1), one
-    independent draw each; greedy [R] bool. all_greedy (a host flag: every row is greedy)
-    skips the sampled rows' work; draft_logp and the uniforms may then be None."""
+    independent draw each; greedy [R] bool. Host flags: all_greedy (every row is greedy)
+    skips the sampled rows' work, draft_logp and the uniforms may then be None;
+    any_greedy=False (no row is) skips the target argmax; fused runs the sampled rows'
+    verification as two Triton launches (kernels/triton/speculative_verify.py)."""
     rows, k = draft_tokens.shape
-    target_argmax = target_logp.argmax(dim=-1)  # [R, k + 1]
+    target_argmax = target_logp.argmax(dim=-1) if any_greedy or all_greedy else None
     if all_greedy:
         argmax_logp = target_logp.gather(-1, target_argmax[..., None])[..., 0].float()
         return greedy_verify(target_argmax, argmax_logp, draft_tokens)
+    if fused:
+        from ..kernels.triton.speculative_verify import fused_verify
+        tokens, logprobs, num_accepted = fused_verify(
+            target_logp, draft_logp, draft_tokens, accept_uniforms, final_uniforms, greedy,
+            target_argmax)
+        return VerifyOutput(tokens, logprobs, num_accepted + 1, num_accepted)
+    if target_argmax is None:
+        target_argmax = target_logp.argmax(dim=-1)  # [R, k + 1]
     p_draft = target_logp[:, :k].gather(-1, draft_tokens[..., None])[..., 0].double().exp()
     q_draft = draft_logp.gather(-1, draft_tokens[..., None])[..., 0].double().exp()
     accepted = torch.where(greedy[:, None], draft_tokens == target_argmax[:, :k],

@@ -58,13 +58,18 @@ def _write_kernel(out_ptr, part_ptr, logits_ptr, temp_ptr, vocab, num_chunks, in
 
 
 def scaled_log_softmax(logits: torch.Tensor, temperature: torch.Tensor,
-                       block: int | None = None) -> torch.Tensor:
+                       block: int | None = None, out: torch.Tensor | None = None,
+                       ) -> torch.Tensor:
     """float32 [R, V]: log_softmax(logits / temperature) per row; logits [R, V] in any
-    float dtype, temperature [R] (0 counts as 1); ``block`` overrides the chunk size."""
+    float dtype, temperature [R] (0 counts as 1); ``block`` overrides the chunk size;
+    ``out``: where to write it (float32 [R, V], rows may be strided)."""
     rows, vocab = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    out = torch.empty(rows, vocab, dtype=torch.float32, device=logits.device)
+    if out is None:
+        out = torch.empty(rows, vocab, dtype=torch.float32, device=logits.device)
+    elif out.shape != (rows, vocab) or out.dtype != torch.float32 or out.stride(-1) != 1:
+        raise ValueError("out: must be a float32 [R, V] tensor with unit column stride")
     if rows == 0:
         return out
     block = block or choose_block(rows, vocab, logits.device)
