@@ -1,7 +1,7 @@
 """Where a speculative decode step's time goes: host vs GPU, and the GPU by kernel.
 
     python scripts/profile_spec_step.py MODEL_DIR_WITH_MTP [--k 3] [--batches 1,64]
-        [--temperatures 0,1] [--top 12]
+        [--temperatures 0,1] [--top 12] [--stop-at-eos]
 
 For each (batch, temperature): the prompts of bench_speculative.py through a speculative
 engine (and a plain one for reference), a warm run, then a profiled run: wall time per
@@ -111,6 +111,8 @@ def main(argv=None) -> None:
     parser.add_argument("--temperatures", default="0,1")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--stop-at-eos", action="store_true",
+                        help="sequences end at EOS (as rollouts do) instead of at --max-tokens")
     args = parser.parse_args(argv)
     from transformers import AutoConfig
     vocab = AutoConfig.from_pretrained(args.model_dir).vocab_size
@@ -122,7 +124,8 @@ def main(argv=None) -> None:
                                max_num_seqs=max(batches))
         for batch in batches:
             for temperature in map(float, args.temperatures.split(",")):
-                params = SamplingParams(temperature=temperature, ignore_eos=True, seed=0,
+                params = SamplingParams(temperature=temperature, seed=0,
+                                        ignore_eos=not args.stop_at_eos,
                                         max_tokens=args.max_tokens)
                 prompts = batch_prompts(pool, batch, vocab, 32)
                 case = profiled_run(engine, prompts, params, args.top)

@@ -48,6 +48,7 @@ def _cpu_graphs(engine, query_lens, max_batch=8) -> collections.Counter:
 
     def counted_chain(*args):
         calls["chained"] += 1
+        calls["padding_rows"] += len(args[3])  # finished sequences' rows kept as padding
         return chain(*args)
     graphs.run, graphs.run_tail = counted, counted_tail
     if fused is not None:
@@ -157,6 +158,28 @@ def test_cpu_chained_steps_stop_and_admit_as_the_eager_path_does(mtp_checkpoint)
     assert [s.finish_reason for o in outs for s in o.samples] == \
         [s.finish_reason for o in reference for s in o.samples]
     assert any(s.finish_reason == "stop" for o in outs for s in o.samples)
+    stats = engine.stats()
+    assert stats["free_kv_blocks"] == stats["num_kv_blocks"]
+
+
+@pytest.mark.parametrize("num_kv_blocks", [None, 24])
+def test_cpu_chain_runs_on_past_finished_sequences(mtp_checkpoint, num_kv_blocks):
+    """Sequences ending at different steps stay in the chain as padding rows (no KV
+    writes: with a tight pool (24 blocks) the live ones grow into the blocks the finished
+    ones freed) until half the rows are padding: same tokens and logprobs as the eager
+    path, every block freed."""
+    model_dir, _ = mtp_checkpoint
+    options = dict(device="cpu", show_progress=False, seed=5, num_speculative_tokens=2,
+                   num_kv_blocks=num_kv_blocks, enable_prefix_caching=False)
+    params = [SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True, seed=n)
+              for n in (6, 60, 12, 58, 20, 57, 30, 56)]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(params))]
+    engine = RolloutEngine(model_dir, **options)
+    calls = _cpu_graphs(engine, (3,), max_batch=8)
+    outs = engine.generate_batch(prompts, params)
+    assert calls["padding_rows"] > 0 and calls["chained"] > 20
+    _assert_same(outs, RolloutEngine(model_dir, **options).generate_batch(prompts, params),
+                 1e-4)
     stats = engine.stats()
     assert stats["free_kv_blocks"] == stats["num_kv_blocks"]
 

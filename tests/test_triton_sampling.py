@@ -290,3 +290,20 @@ def test_cuda_graph_replay_matches_eager(fused):
         for got, want in zip(outputs, expected):
             assert torch.equal(got, want)
         check(fused, logits, temp, min_p, uniforms, banned)
+
+
+def test_step_uniforms_one_launch_has_the_torch_bits(fused):
+    """The speculative tail's uniforms from one Triton launch equal sampler.noise's torch
+    body bit for bit (negative keys, counters past 2**32, several salts)."""
+    from atom_rollout.sampler.noise import row_uniforms_np, signed64, step_uniforms
+    keys = torch.tensor([signed64(0xFEDCBA9876543210), 0, 12345, -1, 2**62 + 7],
+                        dtype=torch.int64, device=DEVICE)
+    counters = torch.tensor([0, 1, 2**33 + 5, 77, 123456], dtype=torch.int64, device=DEVICE)
+    salts = torch.tensor([0, 8, 9, 15], dtype=torch.int64, device=DEVICE)
+    got = step_uniforms(keys, counters, salts, fused=True)
+    expected = step_uniforms(keys, counters, salts, fused=False)
+    assert got.dtype == torch.float64 and torch.equal(got, expected)
+    steps = counters[:, None].cpu().numpy() * 16 + salts.cpu().numpy()
+    host = row_uniforms_np(keys.cpu().numpy()[:, None].repeat(4, 1).ravel(), steps.ravel())
+    assert torch.equal(got.cpu().ravel(), torch.from_numpy(host))
+    assert got.unique().numel() == got.numel() and ((got > 0) & (got < 1)).all()

@@ -234,8 +234,9 @@ class EngineCore:
     def _step_speculative(self) -> list[Sequence]:
         """Verify steps of an unchanged batch run back to back: while one fused step is in
         flight the next is launched on the inputs its tail writes, then the first is read
-        back. A step that finishes a sequence ends the chain one step late (that
-        sequence's results in the chained step are dropped); so does a waiting request."""
+        back. A sequence that finishes is seen one step late (its results in the chained
+        step are dropped) and then stays in the chain as a padding row, until half the
+        graph's rows are such rows; a waiting request ends the chain."""
         finished, launched = [], self._in_flight
         if launched is None:
             batch = self._schedule()
@@ -257,13 +258,15 @@ class EngineCore:
 
     def _chain(self, launched):
         """The next verify step of launched's sequences, or None where it may not run yet:
-        a sequence finished, one is left out or waiting, or the blocks are not there."""
+        one is left out or waiting, the blocks are not there, or finished sequences hold
+        half the graph's rows (a smaller graph is then cheaper)."""
         scheduler = self.scheduler
-        if (not launched.successor_ready or len(launched.seqs) != len(scheduler.running)
+        live = [seq for seq in launched.seqs if not seq.is_finished]
+        if (not launched.successor_ready or len(live) != len(scheduler.running)
                 or (scheduler.waiting and len(scheduler.running) < scheduler.max_num_seqs)
-                or any(seq.is_finished for seq in launched.seqs)):
+                or (len(live) < len(launched.seqs) and 2 * len(live) <= launched.size)):
             return None
-        ready = self._grow_ahead(launched.seqs)  # for the step after the chained one
+        ready = self._grow_ahead(live)  # for the step after the chained one
         successor = self.runner.chain_speculative(launched, self.block_manager.tables)
         if successor is not None:
             successor.successor_ready = ready

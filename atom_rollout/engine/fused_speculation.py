@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..kernels import AttentionMetadata
-from ..sampler.noise import _uniforms, signed64
+from ..sampler.noise import signed64, step_uniforms
 from ..sampler.sampler import greedy_pick
 from ..sampler.speculative import greedy_verify, verify
 from .cuda_graphs import DecodeGraphs
@@ -143,8 +143,8 @@ class _Tail:
             return greedy_verify(tokens.view(size, k1), logprobs.view(size, k1), drafts)
         target = row_logprobs(self.spec.model, hidden, params.repeated(k1), self.spec.fused)
         target = target.view(size, k1, -1)
-        uniforms = _uniforms(self.rows.keys[:size, None],
-                             counters[:, None] * 16 + self.rows.verify_salts)  # [size, k1]
+        uniforms = step_uniforms(self.rows.keys[:size], counters, self.rows.verify_salts,
+                                 self.spec.fused)  # [size, k1]
         draft_logp = self.rows.draft_buffer(target.shape[-1])[:size]
         return verify(target, draft_logp, drafts, uniforms[:, :k], uniforms[:, k],
                       params.greedy, any_greedy=self.kind.any_greedy, fused=self.spec.fused)
@@ -155,8 +155,8 @@ class _Tail:
         k, bs = self.spec.k, graphs.block_size
         tables = graphs.block_tables[:size]
         arange = torch.arange(size, device=previous.device)
-        uniforms = None if self.kind.all_greedy else _uniforms(  # [size, k], one per draft
-            self.rows.keys[:size, None], counters[:, None] * 16 + self.rows.draft_salts)
+        uniforms = None if self.kind.all_greedy else step_uniforms(  # [size, k]: 1 per draft
+            self.rows.keys[:size], counters, self.rows.draft_salts, self.spec.fused)
         buffer = None if self.kind.all_greedy else \
             self.rows.draft_buffer(self.spec.model.spec.vocab_size)
         drafts = []
@@ -208,6 +208,17 @@ def _write_next_inputs(graphs: DecodeGraphs, size: int, out, drafts: torch.Tenso
     graphs.context_lens[:size].copy_(torch.where(live, first + k1, k1).int())
 
 
+def _pad_rows(graphs: DecodeGraphs, size: int, query_len: int, rows: list[int]) -> None:
+    """Turn rows of the static inputs into padding rows, as load() pads a batch."""
+    index = torch.tensor(rows, dtype=torch.int64).to(graphs.input_ids.device,
+                                                     non_blocking=True)
+    tokens = size * query_len
+    for buffer, value in ((graphs.slot_mapping, -1), (graphs.positions, 0),
+                          (graphs.input_ids, 0)):
+        buffer[:tokens].view(size, query_len).index_fill_(0, index, value)
+    graphs.context_lens[:size].index_fill_(0, index, query_len)
+
+
 @dataclass
 class FusedLaunch:
     """A fused step on its way: its packed result is being copied to the host."""
@@ -218,6 +229,7 @@ class FusedLaunch:
     host: torch.Tensor  # [B, 2k + 4] float64, pinned on CUDA
     done: torch.cuda.Event | None  # recorded after the copy (CUDA only)
     successor_ready: bool = False  # the core grew the blocks its tail's next step needs
+    padding_rows: frozenset[int] = frozenset()  # rows of finished sequences, run as padding
 
 
 class FusedSpeculation:
@@ -245,16 +257,23 @@ class FusedSpeculation:
         return graphs is self._graphs and graphs.has_tail_graph(
             self._tail(launched.kind), self.spec.k + 1, launched.size)
 
-    def chain(self, graphs: DecodeGraphs, launched: FusedLaunch,
-              block_tables: torch.Tensor) -> FusedLaunch:
+    def chain(self, graphs: DecodeGraphs, launched: FusedLaunch, block_tables: torch.Tensor,
+              finished_rows: np.ndarray) -> FusedLaunch:
         """The next verify step of launched's sequences, started before launched is read
         back: it runs on the inputs launched's tail wrote (see _write_next_inputs) with
         the block tables given (grown by the caller). Results of sequences that launched
-        finishes are to be dropped."""
+        finishes are to be dropped. finished_rows: rows of sequences already finished,
+        turned into padding rows (no KV writes; the tail keeps them so)."""
         batch, width = block_tables.shape
         graphs.block_tables[:batch, :width].copy_(block_tables, non_blocking=True)
+        padding = frozenset(finished_rows.tolist())
+        if padding - launched.padding_rows:
+            _pad_rows(graphs, launched.size, self.spec.k + 1,
+                      sorted(padding - launched.padding_rows))
         self.spec.forget_drafts()
-        return self._run(graphs, launched.size, launched.seqs, launched.kind)
+        successor = self._run(graphs, launched.size, launched.seqs, launched.kind)
+        successor.padding_rows = padding
+        return successor
 
     def resolve(self, launched: FusedLaunch):
         """(verified, proposals) of a launched step (waits for its copy: the one sync)."""

@@ -103,9 +103,16 @@ class ModelRunner:
         yet. tables: the block manager's mirror, already grown for the step."""
         if not self.fused_speculation.can_chain(self.graphs, launched):
             return None
-        host = block_tables_of(launched.seqs, tables)
+        finished = np.array([seq.is_finished for seq in launched.seqs])
+        if not finished.any():
+            host = block_tables_of(launched.seqs, tables)
+        else:  # finished sequences' rows stay as padding: their tables point at block 0
+            live = block_tables_of([s for s in launched.seqs if not s.is_finished], tables)
+            host = np.zeros((len(launched.seqs), live.shape[1]), dtype=np.int32)
+            host[~finished] = live
         device_tables = _upload_packed([host], self.device)[0]
-        return self.fused_speculation.chain(self.graphs, launched, device_tables)
+        return self.fused_speculation.chain(self.graphs, launched, device_tables,
+                                            np.flatnonzero(finished))
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, overlapped: bool = False) -> Launched:

@@ -45,6 +45,17 @@ def row_uniforms(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     return _uniforms(keys, counters)
 
 
+def step_uniforms(keys: torch.Tensor, counters: torch.Tensor, salts: torch.Tensor,
+                  fused: bool = False) -> torch.Tensor:
+    """float64 [R, S] on the device: row r's draw at step counters[r] * 16 + salts[s]
+    (keys [R], counters [R], salts [S] int64). fused: one Triton launch instead of ~30
+    elementwise torch kernels, the same bits."""
+    if fused:
+        from ..kernels.triton.noise import step_uniforms as one_launch
+        return one_launch(keys, counters, salts)
+    return _uniforms(keys[:, None], counters[:, None] * 16 + salts)
+
+
 def row_uniforms_np(keys: np.ndarray, counters: np.ndarray) -> np.ndarray:
     """row_uniforms on int64 numpy arrays (the host path of a step)."""
     if keys.ndim == 1 and keys.size <= _SCALAR_ROWS and counters.shape == keys.shape:
