@@ -21,6 +21,7 @@ batch 1) is timed best of 2 after a short warm-up. Prints a table; writes JSON t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -37,13 +38,20 @@ def timed(engine: RolloutEngine, groups: list[list[list[int]]], params) -> float
     """Output tok/s of the prompt groups run one after another: their tokens over the sum
     of each group's best time."""
     tokens = seconds = 0.0
-    for prompts in groups:
-        group_tokens, group_seconds = _best_run(engine, prompts, params)
+    for index, prompts in enumerate(groups):
+        group_tokens, group_seconds = _best_run(engine, prompts, params, index * len(prompts))
         tokens, seconds = tokens + group_tokens, seconds + group_seconds
     return tokens / seconds
 
 
-def _best_run(engine: RolloutEngine, prompts, params) -> tuple[int, float]:
+def seeded(params: SamplingParams, count: int, first_seed: int = 0) -> list[SamplingParams]:
+    """params for each of count prompts, seeded first_seed, first_seed + 1, ...: rows
+    sharing a seed share their noise, and a batch of t = 1 samples would then be one
+    correlated draw instead of count independent ones."""
+    return [dataclasses.replace(params, seed=first_seed + row) for row in range(count)]
+
+
+def _best_run(engine: RolloutEngine, prompts, params, first_seed: int) -> tuple[int, float]:
     warm = SamplingParams(temperature=params.temperature, max_tokens=min(8, params.max_tokens),
                           ignore_eos=True, seed=0)
     engine.generate_batch(prompts, warm)  # compiles every kernel shape of this batch
@@ -52,7 +60,7 @@ def _best_run(engine: RolloutEngine, prompts, params) -> tuple[int, float]:
         if engine.core.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        outs = engine.generate_batch(prompts, params)
+        outs = engine.generate_batch(prompts, seeded(params, len(prompts), first_seed))
         run = (sum(len(s.token_ids) for o in outs for s in o.samples),
                time.perf_counter() - start)
         best = min(best, run, key=lambda r: r[1] / max(1, r[0]))

@@ -20,14 +20,15 @@ from collections import defaultdict
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_speculative import batch_prompts, load_prompts  # noqa: E402
+from bench_speculative import batch_prompts, load_prompts, seeded  # noqa: E402
 
 from atom_rollout import RolloutEngine, SamplingParams  # noqa: E402
 
 
 def profiled_run(engine: RolloutEngine, prompts, params, top: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
-    engine.generate_batch(prompts, params)  # warm: graphs of every size this run meets
+    # warm: graphs of every size this run meets
+    engine.generate_batch(prompts, seeded(params, len(prompts)))
     steps = []
     core_step = engine.core.step
 
@@ -38,7 +39,7 @@ def profiled_run(engine: RolloutEngine, prompts, params, top: int) -> dict:
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
-        outs = engine.generate_batch(prompts, params)
+        outs = engine.generate_batch(prompts, seeded(params, len(prompts)))
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
     engine.core.step = core_step
@@ -91,7 +92,7 @@ def timed_run(engine: RolloutEngine, prompts, params) -> dict:
     runner.resolve = timed_resolve
     torch.cuda.synchronize()
     start = time.perf_counter()
-    engine.generate_batch(prompts, params)
+    engine.generate_batch(prompts, seeded(params, len(prompts)))
     torch.cuda.synchronize()
     wall = time.perf_counter() - start
     graphs.run_tail, engine.core.step, fused.chain = inner, core_step, chain
