@@ -2,6 +2,7 @@
 
     python scripts/bench_speculative.py MODEL_DIR_WITH_MTP [--k 3] [--batches 1,16,64]
         [--eager-too] [--prompts-file FILE] [--single-prompts 8] [--stop-at-eos]
+        [--seed-sets 4]
 
 For each batch size and temperature (0 and 1): output tokens per second of the same
 prompts through an engine without speculation and one with k drafts per step, the
@@ -15,7 +16,9 @@ ids, on which acceptance means little. Prompts repeat to fill a batch. Batch 1 r
 --single-prompts different prompts one after another and reports their tokens over
 their summed time: one prompt's acceptance is one trajectory's (--single-prompts 1: the
 first prompt alone, as before 2026-11-27). Sequences run to --max-tokens (ignore_eos)
-unless --stop-at-eos, which ends them at EOS as rollouts end. Each batch (each prompt at
+unless --stop-at-eos, which ends them at EOS as rollouts end; sampled rows then run
+--seed-sets sets of per-prompt seeds (each engine draws different outputs, whose
+lengths differ: more draws average that out). Each batch (each prompt at
 batch 1) is timed best of 2 after a short warm-up. Prints a table; writes JSON to $OUT.
 """
 from __future__ import annotations
@@ -34,11 +37,15 @@ from atom_rollout import RolloutEngine, SamplingParams
 ENGINES = [("plain", 0, False), ("spec", None, False)]  # (name, k (None: --k), eager)
 
 
-def timed(engine: RolloutEngine, groups: list[list[list[int]]], params) -> float:
-    """Output tok/s of the prompt groups run one after another: their tokens over the sum
-    of each group's best time."""
+def timed(engine: RolloutEngine, groups: list[list[list[int]]], params,
+          seed_sets: int = 1) -> float:
+    """Output tok/s of the prompt groups run one after another, each with seed_sets
+    different sets of seeds: their tokens over the sum of each run's best time. Sampled
+    runs that stop at EOS draw outputs of different lengths in each engine; more seed
+    sets average that out."""
     tokens = seconds = 0.0
-    for index, prompts in enumerate(groups):
+    runs = [prompts for _ in range(seed_sets) for prompts in groups]
+    for index, prompts in enumerate(runs):
         group_tokens, group_seconds = _best_run(engine, prompts, params, index * len(prompts))
         tokens, seconds = tokens + group_tokens, seconds + group_seconds
     return tokens / seconds
@@ -133,7 +140,8 @@ def bench_engine(args, k: int, eager: bool, cases) -> list[dict]:
                                 max_tokens=min(args.max_tokens,
                                                engine.core.max_model_len - longest - 1))
         before = (engine.core.drafts_proposed, list(engine.core.drafts_accepted_at))
-        tok_s = timed(engine, groups, params)
+        sets = args.seed_sets if temperature > 0 and args.stop_at_eos else 1
+        tok_s = timed(engine, groups, params, sets)
         rounds = max(1, (engine.core.drafts_proposed - before[0]) // max(1, k))
         results.append({"tok_s": tok_s, "acceptance": [
             (a - b) / rounds for a, b in zip(engine.core.drafts_accepted_at, before[1])]})
@@ -156,6 +164,8 @@ def main(argv=None) -> None:
     parser.add_argument("--prompts-file", default=None)
     parser.add_argument("--stop-at-eos", action="store_true",
                         help="sequences end at EOS (as rollouts do) instead of at --max-tokens")
+    parser.add_argument("--seed-sets", type=int, default=4,
+                        help="with --stop-at-eos, sampled rows run this many seed sets")
     parser.add_argument("--single-prompts", type=int, default=8,
                         help="batch 1: this many prompts, one after another")
     parser.add_argument("--template", default="{a}{op}{b}=",
