@@ -8,14 +8,16 @@ accepted run read and write only positions that later steps overwrite), the row 
 accepted count picked on the device, and the k-step draft chain with its positions and
 KV slots computed on the device. Uniforms come from the same counter-based noise as the
 eager path (engine/speculation.py), with counters derived on the device, so both paths
-draw the same tokens. The host reads back one [B, 2k + 4] tensor per step.
+draw the same tokens; on the Triton backend the sampled rows' verification and the
+uniforms take one or two launches each (kernels/triton/speculative_verify.py, noise.py).
+The host reads back one [B, 2k + 4] tensor per step.
 
 The tail also writes the next verify step's inputs (final token, drafts, positions, KV
 slots, context lengths) over the graph's static inputs, so the core can launch that step
 (chain) before it reads this one back: while a batch stays the same, the GPU runs steps
 back to back and the host's bookkeeping of step t overlaps step t + 1 (EngineCore.
 _step_speculative decides when; sequences a step finishes have their rows of the chained
-step dropped).
+step dropped, and later chained steps run those rows as padding, see chain).
 
 Per-sequence settings (noise keys, prompt lengths, processing parameters) are uploaded
 when the batch composition changes; the draft distributions live in one [B, k, V]
