@@ -212,8 +212,7 @@ def _write_next_inputs(graphs: DecodeGraphs, size: int, out, drafts: torch.Tenso
 
 def _pad_rows(graphs: DecodeGraphs, size: int, query_len: int, rows: list[int]) -> None:
     """Turn rows of the static inputs into padding rows, as load() pads a batch."""
-    index = torch.tensor(rows, dtype=torch.int64).to(graphs.input_ids.device,
-                                                     non_blocking=True)
+    index = upload_packed([np.array(rows, dtype=np.int64)], graphs.input_ids.device)[0]
     tokens = size * query_len
     for buffer, value in ((graphs.slot_mapping, -1), (graphs.positions, 0),
                           (graphs.input_ids, 0)):
