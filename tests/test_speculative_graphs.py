@@ -3,6 +3,7 @@
 On CPU, DecodeGraphs runs its padded static-buffer forward eagerly, which checks the
 layout, padding and runner plumbing; the CUDA tests replay real graphs."""
 import collections
+import dataclasses
 
 import pytest
 import torch
@@ -135,6 +136,25 @@ def test_cpu_fused_speculative_steps_equal_the_eager_path(mtp_checkpoint, k):
     stats = engine.stats()
     assert stats["free_kv_blocks"] == stats["num_kv_blocks"]
     assert stats["drafts_proposed"] == eager.stats()["drafts_proposed"]
+
+
+def test_cpu_triton_passes_in_the_engine_draw_the_torch_tokens(mtp_checkpoint):
+    """The speculator's Triton passes (greedy argmax, one-pass processed rows, fused
+    draft draws, verification, uniforms; under the interpreter on CPU), in the fused and
+    the eager steps of an engine, draw the torch path's tokens for every kind of row."""
+    pytest.importorskip("triton")
+    import os
+    if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1")
+    model_dir, _ = mtp_checkpoint
+    options = dict(device="cpu", show_progress=False, seed=7, num_speculative_tokens=2)
+    engine = RolloutEngine(model_dir, **options)
+    engine.core.runner.speculator.fused = True  # the Triton backend's choice (ops.name)
+    calls = _cpu_graphs(engine, (3,), max_batch=16)
+    hot = [dataclasses.replace(p, temperature=2 * p.temperature) for p in MIXED]  # flatter
+    outs = engine.generate_batch(PROMPTS, hot)
+    assert calls["fused"] > 0 and calls["chained"] > 0
+    _assert_same(outs, RolloutEngine(model_dir, **options).generate_batch(PROMPTS, hot), 1e-4)
 
 
 def test_cpu_chained_steps_stop_and_admit_as_the_eager_path_does(mtp_checkpoint):
