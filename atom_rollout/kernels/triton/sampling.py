@@ -142,6 +142,22 @@ def _kept_sum_kernel(part_ptr, logits_ptr, temp_ptr, min_p_ptr, ban_tok_ptr, ban
 
 
 @triton.jit
+def landing_chunk(mass, valid, offs, uniform):
+    """(chunk, cdf before it, target, total): the chunk where target = uniform * total
+    lands on the fp64 CDF of the chunk masses (valid: the lanes that are chunks)."""
+    cdf = tl.cumsum(mass, 0)
+    total = tl.max(cdf, 0)
+    target = uniform * total
+    below = valid & (cdf <= target)
+    # A target rounded up to the total (uniform within 2^-53 of 1) lands in the last
+    # chunk holding mass, and only the chunks before it count as below.
+    last_chunk = tl.max(tl.where(valid & (mass > 0), offs, 0), 0)
+    chunk = tl.minimum(tl.sum(below.to(tl.int32), 0), last_chunk)
+    before = tl.max(tl.where(below & (offs < chunk), cdf, 0.0), 0)  # cdf[chunk - 1]
+    return chunk, before, target, total
+
+
+@triton.jit
 def _pick_kernel(token_ptr, logprob_ptr, raw_ptr, part_ptr, arg_ptr, logits_ptr, temp_ptr,
                  min_p_ptr, uniform_ptr, ban_tok_ptr, ban_start_ptr, vocab, num_chunks, stride,
                  HAS_BANNED: tl.constexpr, HAS_MIN_P: tl.constexpr, NEED_RAW: tl.constexpr,
@@ -155,18 +171,10 @@ def _pick_kernel(token_ptr, logprob_ptr, raw_ptr, part_ptr, arg_ptr, logits_ptr,
     divisor = tl.where(temp > 0, temp, 1.0)  # greedy rows divide by 1 like the torch path
     scaled_max, row_max, scale = _chunk_scales(part_row, num_chunks, divisor, CHUNKS_PAD)
 
-    # The chunk where uniform * total lands on the fp64 CDF of chunk masses.
     field = _KEPT if HAS_MIN_P else _SUM
     mass = tl.load(part_row + field * num_chunks + offs, mask=valid, other=0.0) * scale
-    cdf = tl.cumsum(mass, 0)
-    total = tl.max(cdf, 0)
-    target = tl.load(uniform_ptr + row) * total
-    below = valid & (cdf <= target)
-    # A target rounded up to the total (uniform within 2^-53 of 1) lands in the last
-    # chunk holding mass, and only the chunks before it count as below.
-    last_chunk = tl.max(tl.where(valid & (mass > 0), offs, 0), 0)
-    chunk = tl.minimum(tl.sum(below.to(tl.int32), 0), last_chunk)
-    before = tl.max(tl.where(below & (offs < chunk), cdf, 0.0), 0)  # cdf[chunk - 1]
+    chunk, before, target, total = landing_chunk(mass, valid, offs,
+                                                 tl.load(uniform_ptr + row))
     # Recomputed from the same inputs with the same ops as the vectors above.
     chunk_max = tl.math.div_rn(tl.load(part_row + _MAX * num_chunks + chunk).to(tl.float32),
                                divisor)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sampling import choose_block
+from .sampling import choose_block, landing_chunk
 
 _RESIDUAL = tl.constexpr(0)  # fields of the [R, 2, chunks] partials
 _BONUS = tl.constexpr(1)
@@ -104,13 +104,7 @@ def _residual_pick_kernel(token_ptr, logprob_ptr, count_ptr, part_ptr, target_pt
     # p == q everywhere makes a rejection impossible; the fallback only keeps rounding sane.
     use_p = (accepted == K) | (tl.sum(residual_mass, 0) <= 0)
     mass = tl.where(use_p, bonus_mass, residual_mass)
-    cdf = tl.cumsum(mass, 0)
-    total = tl.max(cdf, 0)
-    target = tl.load(final_u_ptr + row) * total
-    below = valid & (cdf <= target)
-    last_chunk = tl.max(tl.where(valid & (mass > 0), offs, 0), 0)
-    chunk = tl.minimum(tl.sum(below.to(tl.int32), 0), last_chunk)
-    before = tl.max(tl.where(below & (offs < chunk), cdf, 0.0), 0)  # cdf[chunk - 1]
+    chunk, before, target, _ = landing_chunk(mass, valid, offs, tl.load(final_u_ptr + row))
 
     idx = tl.arange(0, BLOCK)
     residual, p = _chunk_weights(row, accepted, chunk * BLOCK + idx, vocab, target_ptr,
