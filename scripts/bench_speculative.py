@@ -19,7 +19,10 @@ first prompt alone, as before 2026-11-27). Sequences run to --max-tokens (ignore
 unless --stop-at-eos, which ends them at EOS as rollouts end; sampled rows then run
 --seed-sets sets of per-prompt seeds (each engine draws different outputs, whose
 lengths differ: more draws average that out). Each batch (each prompt at
-batch 1) is timed best of 2 after a short warm-up. Prints a table; writes JSON to $OUT.
+batch 1) is timed best of 2 after a short warm-up, the engines side by side taking turns
+(since 2026-11-27; before, all of one engine's runs came before the other's, so the
+machine's drift between the two phases reached the ratios). Prints a table; writes
+JSON to $OUT.
 """
 from __future__ import annotations
 
@@ -37,20 +40,6 @@ from atom_rollout import RolloutEngine, SamplingParams
 ENGINES = [("plain", 0, False), ("spec", None, False)]  # (name, k (None: --k), eager)
 
 
-def timed(engine: RolloutEngine, groups: list[list[list[int]]], params,
-          seed_sets: int = 1) -> float:
-    """Output tok/s of the prompt groups run one after another, each with seed_sets
-    different sets of seeds: their tokens over the sum of each run's best time. Sampled
-    runs that stop at EOS draw outputs of different lengths in each engine; more seed
-    sets average that out."""
-    tokens = seconds = 0.0
-    runs = [prompts for _ in range(seed_sets) for prompts in groups]
-    for index, prompts in enumerate(runs):
-        group_tokens, group_seconds = _best_run(engine, prompts, params, index * len(prompts))
-        tokens, seconds = tokens + group_tokens, seconds + group_seconds
-    return tokens / seconds
-
-
 def seeded(params: SamplingParams, count: int, first_seed: int = 0) -> list[SamplingParams]:
     """params for each of count prompts, seeded first_seed, first_seed + 1, ...: rows
     sharing a seed share their noise, and a batch of t = 1 samples would then be one
@@ -58,19 +47,24 @@ def seeded(params: SamplingParams, count: int, first_seed: int = 0) -> list[Samp
     return [dataclasses.replace(params, seed=first_seed + row) for row in range(count)]
 
 
-def _best_run(engine: RolloutEngine, prompts, params, first_seed: int) -> tuple[int, float]:
+def _best_runs(engines: dict, prompts, params, first_seed: int) -> dict:
+    """{name: (tokens, seconds)} of each engine's best of 2 runs of the prompts; the
+    engines take turns (plain, spec, plain, spec), so drift of the machine between runs
+    reaches both alike."""
     warm = SamplingParams(temperature=params.temperature, max_tokens=min(8, params.max_tokens),
                           ignore_eos=True, seed=0)
-    engine.generate_batch(prompts, warm)  # compiles every kernel shape of this batch
-    best = (0, float("inf"))
+    for engine in engines.values():
+        engine.generate_batch(prompts, warm)  # compiles every kernel shape of this batch
+    best = {name: (0, float("inf")) for name in engines}
     for _ in range(2):  # the first full run may still meet a new kernel shape
-        if engine.core.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        outs = engine.generate_batch(prompts, seeded(params, len(prompts), first_seed))
-        run = (sum(len(s.token_ids) for o in outs for s in o.samples),
-               time.perf_counter() - start)
-        best = min(best, run, key=lambda r: r[1] / max(1, r[0]))
+        for name, engine in engines.items():
+            if engine.core.device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            outs = engine.generate_batch(prompts, seeded(params, len(prompts), first_seed))
+            run = (sum(len(s.token_ids) for o in outs for s in o.samples),
+                   time.perf_counter() - start)
+            best[name] = min(best[name], run, key=lambda r: r[1] / max(1, r[0]))
     return best
 
 
@@ -128,24 +122,37 @@ def prompt_groups(pool, batch: int, vocab: int, single: int) -> list[list[list[i
     return [[pool[i % len(pool)]] for i in range(single)]
 
 
-def bench_engine(args, k: int, eager: bool, cases) -> list[dict]:
-    """tok/s (and acceptance) of one engine over every (batch, temperature, prompts)."""
-    engine = RolloutEngine(args.model_dir, device=args.device, show_progress=False,
-                           num_speculative_tokens=k, enforce_eager=eager,
-                           max_num_seqs=max(batch for batch, _, _ in cases))
-    results = []
+def bench_engines(args, specs, cases) -> dict[str, list[dict]]:
+    """tok/s (and acceptance) of every engine over every (batch, temperature, prompts);
+    the engines live side by side (each with its share of GPU memory) and take turns."""
+    batch_max = max(batch for batch, _, _ in cases)
+    engines = {name: RolloutEngine(args.model_dir, device=args.device, show_progress=False,
+                                   num_speculative_tokens=k, enforce_eager=eager,
+                                   max_num_seqs=batch_max,
+                                   gpu_memory_utilization=0.9 * (index + 1) / len(specs))
+               for index, (name, k, eager) in enumerate(specs)}
+    results = {name: [] for name in engines}
     for batch, temperature, groups in cases:
         longest = max(len(p) for prompts in groups for p in prompts)
-        params = SamplingParams(temperature=temperature, ignore_eos=not args.stop_at_eos, seed=0,
-                                max_tokens=min(args.max_tokens,
-                                               engine.core.max_model_len - longest - 1))
-        before = (engine.core.drafts_proposed, list(engine.core.drafts_accepted_at))
+        model_len = next(iter(engines.values())).core.max_model_len
+        params = SamplingParams(temperature=temperature, ignore_eos=not args.stop_at_eos,
+                                max_tokens=min(args.max_tokens, model_len - longest - 1))
+        before = {name: (e.core.drafts_proposed, list(e.core.drafts_accepted_at))
+                  for name, e in engines.items()}
         sets = args.seed_sets if temperature > 0 and args.stop_at_eos else 1
-        tok_s = timed(engine, groups, params, sets)
-        rounds = max(1, (engine.core.drafts_proposed - before[0]) // max(1, k))
-        results.append({"tok_s": tok_s, "acceptance": [
-            (a - b) / rounds for a, b in zip(engine.core.drafts_accepted_at, before[1])]})
-    del engine
+        runs = [prompts for _ in range(sets) for prompts in groups]
+        totals = {name: [0, 0.0] for name in engines}
+        for index, prompts in enumerate(runs):
+            for name, (tokens, seconds) in _best_runs(engines, prompts, params,
+                                                      index * len(prompts)).items():
+                totals[name][0] += tokens
+                totals[name][1] += seconds
+        for name, engine in engines.items():
+            core, k = engine.core, max(1, engine.core.num_draft)
+            rounds = max(1, (core.drafts_proposed - before[name][0]) // k)
+            results[name].append({"tok_s": totals[name][0] / totals[name][1], "acceptance": [
+                (a - b) / rounds for a, b in zip(core.drafts_accepted_at, before[name][1])]})
+    del engines
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -178,8 +185,8 @@ def main(argv=None) -> None:
              for batch in map(int, args.batches.split(",")) for temperature in (0.0, 1.0)]
     engines = ENGINES + ([("plain_eager", 0, True), ("spec_eager", None, True)]
                          if args.eager_too else [])
-    timings = {name: bench_engine(args, args.k if k is None else k, eager, cases)
-               for name, k, eager in engines}
+    timings = bench_engines(args, [(name, args.k if k is None else k, eager)
+                                   for name, k, eager in engines], cases)
     rows = [_row(i, batch, temperature, timings) for i, (batch, temperature, _)
             in enumerate(cases)]
     device = torch.cuda.get_device_name() if _on_cuda(args.device) else "cpu"
