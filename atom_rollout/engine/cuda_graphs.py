@@ -154,6 +154,16 @@ class DecodeGraphs:
             self._pad(batch, size, query_len, tokens, padded)
         return size
 
+    def pad_rows(self, rows: torch.Tensor, size: int, query_len: int) -> None:
+        """Turn these rows (int64, on the device) of the loaded inputs into padding rows,
+        as load() pads a batch: no KV write (slot -1), token 0 at position 0, a context of
+        query_len. Their block tables are the caller's."""
+        tokens = size * query_len
+        for buffer, value in ((self.slot_mapping, -1), (self.positions, 0),
+                              (self.input_ids, 0)):
+            buffer[:tokens].view(size, query_len).index_fill_(0, rows, value)
+        self.context_lens[:size].index_fill_(0, rows, query_len)
+
     def _pad(self, batch: int, size: int, query_len: int, tokens: int, padded: int) -> None:
         self.slot_mapping[tokens:padded].fill_(-1)
         self.context_lens[batch:size].fill_(query_len)

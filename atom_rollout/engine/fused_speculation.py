@@ -210,16 +210,6 @@ def _write_next_inputs(graphs: DecodeGraphs, size: int, out, drafts: torch.Tenso
     graphs.context_lens[:size].copy_(torch.where(live, first + k1, k1).int())
 
 
-def _pad_rows(graphs: DecodeGraphs, size: int, query_len: int, rows: list[int]) -> None:
-    """Turn rows of the static inputs into padding rows, as load() pads a batch."""
-    index = upload_packed([np.array(rows, dtype=np.int64)], graphs.input_ids.device)[0]
-    tokens = size * query_len
-    for buffer, value in ((graphs.slot_mapping, -1), (graphs.positions, 0),
-                          (graphs.input_ids, 0)):
-        buffer[:tokens].view(size, query_len).index_fill_(0, index, value)
-    graphs.context_lens[:size].index_fill_(0, index, query_len)
-
-
 @dataclass
 class FusedLaunch:
     """A fused step on its way: its packed result is being copied to the host."""
@@ -269,8 +259,9 @@ class FusedSpeculation:
         graphs.block_tables[:batch, :width].copy_(block_tables, non_blocking=True)
         padding = frozenset(finished_rows.tolist())
         if padding - launched.padding_rows:
-            _pad_rows(graphs, launched.size, self.spec.k + 1,
-                      sorted(padding - launched.padding_rows))
+            new_rows = np.array(sorted(padding - launched.padding_rows), dtype=np.int64)
+            graphs.pad_rows(upload_packed([new_rows], graphs.input_ids.device)[0],
+                            launched.size, self.spec.k + 1)
         self.spec.forget_drafts()
         successor = self._run(graphs, launched.size, launched.seqs, launched.kind)
         successor.padding_rows = padding

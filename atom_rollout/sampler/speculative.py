@@ -35,7 +35,9 @@ def verify(target_logp: torch.Tensor, draft_logp: torch.Tensor | None,
     any_greedy=False (no row is) skips the target argmax; fused runs the sampled rows'
     verification as two Triton launches (kernels/triton/speculative_verify.py)."""
     rows, k = draft_tokens.shape
-    target_argmax = target_logp.argmax(dim=-1) if any_greedy or all_greedy else None
+    # [R, k + 1]; the fused pass reads it for greedy rows only
+    need_argmax = all_greedy or any_greedy or not fused
+    target_argmax = target_logp.argmax(dim=-1) if need_argmax else None
     if all_greedy:
         argmax_logp = target_logp.gather(-1, target_argmax[..., None])[..., 0].float()
         return greedy_verify(target_argmax, argmax_logp, draft_tokens)
@@ -45,8 +47,6 @@ def verify(target_logp: torch.Tensor, draft_logp: torch.Tensor | None,
             target_logp, draft_logp, draft_tokens, accept_uniforms, final_uniforms, greedy,
             target_argmax)
         return VerifyOutput(tokens, logprobs, num_accepted + 1, num_accepted)
-    if target_argmax is None:
-        target_argmax = target_logp.argmax(dim=-1)  # [R, k + 1]
     p_draft = target_logp[:, :k].gather(-1, draft_tokens[..., None])[..., 0].double().exp()
     q_draft = draft_logp.gather(-1, draft_tokens[..., None])[..., 0].double().exp()
     accepted = torch.where(greedy[:, None], draft_tokens == target_argmax[:, :k],
