@@ -2,9 +2,9 @@
 checkpoint's own directory (our layout, see atom_rollout/models/mtp.py) and print the
 engine's draft acceptance per position with it.
 
-    python scripts/train_mtp_head.py MODEL_DIR [--device cuda] [--steps 300] [--loss kl|ce]
+    python scripts/train_mtp_head.py MODEL_DIR [--device cuda] [--steps 300] [--loss kl|ce|tv]
         [--depth D] [--greedy-prompts N] [--bf16] [--init last-layer] [--data FILE]
-        [--out DIR]
+        [--out DIR] [--init-from MTP_SAFETENSORS]
     python scripts/train_mtp_head.py MODEL_DIR --steps 0     # measure MODEL_DIR's head
 
 Data: the model's own continuations of arithmetic prompts, made with the rollout engine:
@@ -16,7 +16,9 @@ the token ids in FILE (made once, reused by later runs). The head is
 stays frozen. ``--init last-layer`` starts its decoder block from a copy of the policy's
 last layer instead of a random one. The loss is KL(policy || draft) over ``--depth``
 chained draft steps (as the engine chains them) by default; ``--loss ce --depth 1`` is
-plain next-next-token cross-entropy. AdamW, 5% warmup, cosine decay to 10%; ``--bf16``
+plain next-next-token cross-entropy; ``--loss tv`` minimises TV(policy, draft), i.e.
+maximises the acceptance probability itself (meant for fine-tuning a KL-trained head,
+``--init-from``). AdamW, 5% warmup, cosine decay to 10%; ``--bf16``
 runs the policy and the head under bfloat16 autocast. The head goes to MODEL_DIR, or with
 ``--out DIR`` to a new directory that links MODEL_DIR's files; acceptance is printed for
 temperature 1 and 0 on held-out prompts.
@@ -30,7 +32,7 @@ import os
 import time
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from atom_rollout import RolloutEngine, SamplingParams
@@ -66,6 +68,8 @@ def train(policy, sequences: list[list[int]], args) -> MTPHead:
     head = MTPHead(policy).float()
     if args.init == "last-layer":
         _copy_last_layer(head, policy)
+    if args.init_from:
+        _load_head(head, args.init_from)
     optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(args.steps))
     generator = torch.Generator().manual_seed(0)
@@ -78,8 +82,9 @@ def train(policy, sequences: list[list[int]], args) -> MTPHead:
                                                      generator=generator).tolist()]
         ids, mask = _padded(batch, args.device)
         with torch.autocast(ids.device.type, torch.bfloat16, enabled=args.bf16):
-            hidden, teacher = _policy_outputs(policy, ids, with_logits=args.loss == "kl")
-            loss = head.loss(ids, hidden, mask, teacher_logits=teacher, depth=args.depth)
+            hidden, teacher = _policy_outputs(policy, ids, with_logits=args.loss != "ce")
+            loss = head.loss(ids, hidden, mask, teacher_logits=teacher, depth=args.depth,
+                             divergence="tv" if args.loss == "tv" else "kl")
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -94,6 +99,19 @@ def _copy_last_layer(head: MTPHead, policy) -> None:
     last, layer = policy.model.layers[-1], head.layers[0]
     for name in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"):
         getattr(layer, name).load_state_dict(getattr(last, name).state_dict())
+
+
+def _load_head(head: MTPHead, path: str) -> None:
+    """Our layout's tensors (mtp.layers.0.*) into the head; every one must be there."""
+    tensors = load_file(path)
+    params = dict(head.named_parameters())
+    names = {name.removeprefix("mtp."): t for name, t in tensors.items()}
+    if set(names) != set(params):
+        raise ValueError(f"--init-from {path}: tensors {sorted(set(names) ^ set(params))} "
+                         f"do not match the head's")
+    with torch.no_grad():
+        for name, t in names.items():
+            params[name].copy_(t)
 
 
 def _padded(batch: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,12 +197,15 @@ def main(argv=None) -> None:
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--eval-prompts", type=int, default=256)
     parser.add_argument("--template", default="{a}{op}{b}=")
-    parser.add_argument("--loss", choices=["kl", "ce"], default="kl",
-                        help="kl: match the policy's distributions; ce: its sampled tokens")
+    parser.add_argument("--loss", choices=["kl", "ce", "tv"], default="kl",
+                        help="kl: match the policy's distributions; ce: its sampled tokens; "
+                        "tv: the acceptance probability itself")
     parser.add_argument("--greedy-prompts", type=int, default=0,
                         help="prompts whose greedy continuation joins the data")
     parser.add_argument("--data", default=None, help="token-id file: load, or make and save")
     parser.add_argument("--init", choices=["random", "last-layer"], default="random")
+    parser.add_argument("--init-from", default=None,
+                        help="an mtp.safetensors to start from (fine-tuning a trained head)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="of the engines that make data and measure acceptance")

@@ -1,6 +1,7 @@
 """The trainer-side MTP head is the engine's MTP layer, and trains without touching the policy."""
 import json
 
+import pytest
 import torch
 
 from atom_rollout import RolloutEngine
@@ -88,3 +89,33 @@ def test_mtp_loss_trains_the_head_only(checkpoints):
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert all(p.grad is None for p in policy.parameters())
+
+
+def test_tv_loss_is_one_minus_the_acceptance_probability(checkpoints):
+    """divergence="tv": per row 1 - sum(min(p, q)), the chance speculative sampling
+    rejects the draft; a step on it raises the head's acceptance of these rows."""
+    _, policy = checkpoints["llama"]
+    torch.manual_seed(3)
+    head = MTPHead(policy)
+    ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        hidden = policy.model(ids).last_hidden_state
+        logits = policy.get_output_embeddings()(hidden)
+
+    def rejection() -> torch.Tensor:
+        with torch.no_grad():
+            q = policy.get_output_embeddings()(head(ids, hidden)[:, :-1]).softmax(-1)
+            p = logits[:, 1:-1].softmax(-1)  # row i predicts token i + 2, the policy at i + 1
+            return 1 - torch.minimum(p, q).sum(-1).mean()
+
+    loss = head.loss(ids, hidden, teacher_logits=logits, divergence="tv")
+    torch.testing.assert_close(loss, rejection(), atol=1e-5, rtol=1e-5)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.5)
+    before = rejection()
+    for _ in range(5):
+        optimizer.zero_grad()
+        head.loss(ids, hidden, teacher_logits=logits, divergence="tv").backward()
+        optimizer.step()
+    assert rejection() < before
+    with pytest.raises(ValueError, match="divergence"):
+        head.loss(ids, hidden, teacher_logits=logits, divergence="js")

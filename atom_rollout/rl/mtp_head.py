@@ -7,6 +7,7 @@ the policy's weights::
     head = MTPHead(policy)                       # optimise head.parameters() separately
     loss = head.loss(input_ids, hidden, mask)    # hidden: policy.model(...).last_hidden_state
     loss = head.loss(input_ids, hidden, mask, teacher_logits=logits, depth=3)  # distil, chained
+    loss = head.loss(..., teacher_logits=logits, divergence="tv")  # 1 - acceptance itself
     engine.update_weights(list(policy.named_parameters()) + head.named_tensors())
 
 The loss reads the policy's hidden states, embeddings and LM head detached: it trains the
@@ -116,7 +117,7 @@ class MTPHead(nn.Module):
 
     def loss(self, input_ids: torch.Tensor, hidden: torch.Tensor,
              mask: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None,
-             depth: int = 1) -> torch.Tensor:
+             depth: int = 1, divergence: str = "kl") -> torch.Tensor:
         """Draft loss averaged over ``depth`` chained steps (see ``chain``); ``mask`` [B, T]
         marks the tokens that count as targets (default: all).
 
@@ -124,12 +125,18 @@ class MTPHead(nn.Module):
         policy's logits [B, T, V] for input_ids): KL(teacher || draft) at temperature 1,
         the teacher's row i + d being the target of step d's row i. Speculative sampling
         accepts with probability 1 - TV(teacher, draft), which matching whole
-        distributions serves better than hard labels."""
+        distributions serves better than hard labels. ``divergence="tv"`` minimises
+        TV(teacher, draft) itself (its gradient reaches only tokens the draft
+        under-weights; a fine-tuning objective for a head KL has already shaped)."""
+        if divergence not in _DIVERGENCES:
+            raise ValueError(f"divergence must be one of {sorted(_DIVERGENCES)}, "
+                             f"got {divergence!r}")
         depth = max(1, min(depth, input_ids.shape[1] - 2))
         weights = (torch.ones_like(input_ids, dtype=torch.float32) if mask is None
                    else mask.float())
         head = self._policy[0].get_output_embeddings().weight.detach()
-        losses = [self._depth_loss(out[:, :-1], d, input_ids, weights, head, teacher_logits)
+        losses = [self._depth_loss(out[:, :-1], d, input_ids, weights, head, teacher_logits,
+                                   _DIVERGENCES[divergence])
                   for d, out in enumerate(self.chain(input_ids, hidden, depth), start=1)]
         return torch.stack(losses).mean()
 
@@ -140,14 +147,16 @@ class MTPHead(nn.Module):
         rotary = policy.model.rotary_emb(previous, positions)
         return self.layers[0](previous, embeds, rotary, context, mask)
 
-    def _depth_loss(self, out, d, input_ids, weights, head, teacher_logits) -> torch.Tensor:
+    def _depth_loss(self, out, d, input_ids, weights, head, teacher_logits,
+                    divergence) -> torch.Tensor:
         """Mean loss of step d's rows (out [B, T-d-1, H]; row i predicts token i + d + 1)."""
         row_weights = weights[:, d + 1:]
         b, i = row_weights.nonzero(as_tuple=True)
         targets = input_ids if teacher_logits is None else teacher_logits.detach()
         shift = d + 1 if teacher_logits is None else d
-        rows = functools.partial(checkpoint, _row_loss, use_reentrant=False) \
-            if torch.is_grad_enabled() else _row_loss
+        row_loss = functools.partial(_row_loss, divergence=divergence)
+        rows = functools.partial(checkpoint, row_loss, use_reentrant=False) \
+            if torch.is_grad_enabled() else row_loss
         total = out.new_zeros((), dtype=torch.float32)
         for start in range(0, len(b), _CHUNK_ROWS):
             cb, ci = b[start:start + _CHUNK_ROWS], i[start:start + _CHUNK_ROWS]
@@ -170,14 +179,25 @@ def _chain_mask(length: int, depth: int, device) -> torch.Tensor:
 _CHUNK_ROWS = 4096
 
 
+def _kl(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+
+
+def _tv(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+
+
+_DIVERGENCES = {"kl": _kl, "tv": _tv}
+
+
 def _row_loss(x: torch.Tensor, head: torch.Tensor, targets: torch.Tensor,
-              b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+              b: torch.Tensor, t: torch.Tensor, divergence=_kl) -> torch.Tensor:
     """Per-row loss of draft hidden states x [n, H] against targets[b, t]: cross-entropy
-    when targets holds token ids [B, T], KL(teacher || draft) when teacher logits [B, T, V].
+    when targets holds token ids [B, T], ``divergence``(draft, teacher) when teacher
+    logits [B, T, V].
     Indexing here, not in the caller, keeps a gathered [n, V] copy out of what backward
     saves."""
     log_q = F.log_softmax(F.linear(x, head).float(), dim=-1)
     if targets.dim() == 2:
         return F.nll_loss(log_q, targets[b, t], reduction="none")
-    log_p = F.log_softmax(targets[b, t].float(), dim=-1)
-    return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+    return divergence(log_q, F.log_softmax(targets[b, t].float(), dim=-1))
