@@ -63,7 +63,6 @@ def _paged_attention_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     DECODE: tl.constexpr, ORDERED: tl.constexpr, MERGE_HERE: tl.constexpr,
-    MIN_CHUNK: tl.constexpr,
 ):
     if DECODE:  # grid (kv_heads * splits, sequence slots * q_blocks_per_seq)
         kv_head = tl.program_id(0) % (num_heads // GROUP)
@@ -103,9 +102,7 @@ def _paged_attention_kernel(
     kv_end = kv_hi
     chunk = kv_hi
     if SPLIT:
-        # MIN_CHUNK (a multiple of BLOCK_N) keeps a graph captured for long contexts
-        # from splitting short ones finely: their extra splits just return
-        chunk = tl.maximum(tl.cdiv(tl.cdiv(kv_hi, num_splits), BLOCK_N) * BLOCK_N, MIN_CHUNK)
+        chunk = tl.cdiv(tl.cdiv(kv_hi, num_splits), BLOCK_N) * BLOCK_N
         kv_lo = split * chunk
         kv_hi = tl.minimum(kv_lo + chunk, kv_hi)
         if MERGE_HERE and kv_lo >= kv_end:
@@ -138,52 +135,30 @@ def _paged_attention_kernel(
         m_i = m_new
 
     store_mask = row_valid[:, None] & dim_valid[None, :]
-    out_offsets = token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
     if SPLIT:
+        part = (token * num_heads + head) * num_splits + split
+        tl.store(part_m_ptr + part, m_i, mask=row_valid)
+        tl.store(part_l_ptr + part, l_i, mask=row_valid)
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=store_mask)
         if MERGE_HERE:
-            if kv_end <= chunk:  # one split holds every key: no partials, no merge
-                _store_normalised(out_ptr + out_offsets, acc, l_i, store_mask)
-            else:
-                _store_partials(part_acc_ptr, part_m_ptr, part_l_ptr, token, head, split,
-                                num_heads, num_splits, acc, m_i, l_i, row_valid, dims,
-                                store_mask, HEAD_DIM)
-                # acq_rel: this tile's partials are visible to whichever program counts
-                # last, and that one sees all of them
-                tile = split_counts_ptr + tl.program_id(1) * (num_heads // GROUP) + kv_head
-                arrived = tl.atomic_add(tile, 1, sem="acq_rel")
-                if arrived == tl.cdiv(kv_end, chunk) - 1:
-                    _merge_tile(out_ptr + out_offsets, part_acc_ptr, part_m_ptr, part_l_ptr,
-                                token, head, row_valid, dims, store_mask,
-                                tl.cdiv(kv_end, chunk), num_heads, num_splits, HEAD_DIM,
-                                BLOCK_M, BLOCK_D)
-                    tl.store(tile, 0)  # zero again for the next launch (and graph replay)
-        else:
-            _store_partials(part_acc_ptr, part_m_ptr, part_l_ptr, token, head, split,
-                            num_heads, num_splits, acc, m_i, l_i, row_valid, dims,
-                            store_mask, HEAD_DIM)
+            # acq_rel: this tile's partials are visible to whichever program counts last,
+            # and that one sees all of them
+            tile = split_counts_ptr + tl.program_id(1) * (num_heads // GROUP) + kv_head
+            arrived = tl.atomic_add(tile, 1, sem="acq_rel")
+            if arrived == tl.cdiv(kv_end, chunk) - 1:
+                _merge_tile(out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, token, head,
+                            row_valid, dims, dim_valid, tl.cdiv(kv_end, chunk), num_heads,
+                            num_splits, stride_ot, stride_oh, HEAD_DIM, BLOCK_M, BLOCK_D)
+                tl.store(tile, 0)  # zero again for the next launch (and graph replay)
     else:
-        _store_normalised(out_ptr + out_offsets, acc, l_i, store_mask)
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=store_mask)
 
 
 @triton.jit
-def _store_normalised(out_ptrs, acc, l_i, mask):
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _store_partials(part_acc_ptr, part_m_ptr, part_l_ptr, token, head, split, num_heads,
-                    num_splits, acc, m_i, l_i, row_valid, dims, store_mask,
-                    HEAD_DIM: tl.constexpr):
-    part = (token * num_heads + head) * num_splits + split
-    tl.store(part_m_ptr + part, m_i, mask=row_valid)
-    tl.store(part_l_ptr + part, l_i, mask=row_valid)
-    tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=store_mask)
-
-
-@triton.jit
-def _merge_tile(out_ptrs, part_acc_ptr, part_m_ptr, part_l_ptr, token, head, row_valid,
-                dims, store_mask, active_splits, num_heads, num_splits,
+def _merge_tile(out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, token, head, row_valid,
+                dims, dim_valid, active_splits, num_heads, num_splits, stride_ot, stride_oh,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Combines a tile's first ``active_splits`` partials (online, like the kernel's own
     key loop) and writes the normalised output. Loads bypass L1 (.cg): other programs
@@ -197,7 +172,8 @@ def _merge_tile(out_ptrs, part_acc_ptr, part_m_ptr, part_l_ptr, token, head, row
                       cache_modifier=".cg")
         l_s = tl.load(part_l_ptr + first + s, mask=row_valid, other=0.0, cache_modifier=".cg")
         acc_s = tl.load(part_acc_ptr + (first + s)[:, None] * HEAD_DIM + dims[None, :],
-                        mask=store_mask, other=0.0, cache_modifier=".cg")
+                        mask=row_valid[:, None] & dim_valid[None, :], other=0.0,
+                        cache_modifier=".cg")
         m_new = tl.maximum(m_run, m_s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         old_weight = tl.exp2(m_run - m_safe)
@@ -205,7 +181,9 @@ def _merge_tile(out_ptrs, part_acc_ptr, part_m_ptr, part_l_ptr, token, head, row
         l_run = l_run * old_weight + l_s * new_weight
         acc_run = acc_run * old_weight[:, None] + acc_s * new_weight[:, None]
         m_run = m_new
-    _store_normalised(out_ptrs, acc_run, l_run, store_mask)
+    out = acc_run / tl.where(l_run == 0.0, 1.0, l_run)[:, None]
+    tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
 
 
 @triton.jit
@@ -271,15 +249,12 @@ def split_tiles(meta: AttentionMetadata, config: TileConfig, kv_heads: int) -> i
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float, num_splits: int = 1,
                     config: TileConfig | None = None,
-                    split_counts: torch.Tensor | None = None,
-                    min_keys_per_split: int = MIN_KEYS_PER_SPLIT) -> torch.Tensor:
+                    split_counts: torch.Tensor | None = None) -> torch.Tensor:
     """Causal paged attention; ``num_splits`` > 1 splits every tile's key range;
     ``config`` overrides the tile shape chosen from the batch (for tuning).
     ``split_counts``: int32 zeros, at least ``split_tiles(...)`` of them, kept by the
     caller across calls (each call leaves them zero): decode splits are then merged by
-    their last program instead of a second kernel, and hold ``min_keys_per_split`` keys
-    or more (a multiple of the tile's BLOCK_N), so a tile with fewer keys than that
-    writes its output in one program."""
+    their last program instead of a second kernel."""
     num_tokens, num_heads, head_dim = query.shape
     kv_heads = k_cache.shape[2]
     _check_shapes(query, k_cache, v_cache, meta)
@@ -317,7 +292,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_Q=config.block_q, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         PAGE=k_cache.shape[1], SPLIT=split, DECODE=decode, ORDERED=ordered,
-        MERGE_HERE=merge_here, MIN_CHUNK=min_keys_per_split if merge_here else config.block_n,
+        MERGE_HERE=merge_here,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages)
     if split and not merge_here:
