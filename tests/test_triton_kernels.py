@@ -116,33 +116,12 @@ def test_attention(ref, tri, batch, layout, dtype):
     check_attention(ref, out, *inputs)
 
 
-@pytest.mark.parametrize("batch", ["decode", "long_decode", "spec_decode", "mixed"])
+@pytest.mark.parametrize("batch", ["decode", "long_decode", "mixed"])
 @pytest.mark.parametrize("num_splits", [2, 8])
-@pytest.mark.parametrize("merge_here", [False, True])
-def test_attention_split_kv(ref, batch, num_splits, merge_here):
-    """Split keys merged by a second kernel, or by each tile's last program: three
-    queries over one count buffer, which every call must leave zero (graph replays need
-    it); a merge that ran early would read another query's stale partials."""
-    query, *rest = attention_inputs(*BATCHES[batch], 4, 2, 64, 16, torch.float32)
-    counts = torch.zeros(64, dtype=torch.int32, device=DEVICE) if merge_here else None
-    for query in (query, -query, _randn(*query.shape)):
-        out = paged_attention(query, *rest, scale=64 ** -0.5, num_splits=num_splits,
-                              split_counts=counts)
-        check_attention(ref, out, query, *rest)
-    if merge_here:
-        assert not counts.any()
-
-
-def test_ops_attention_merges_splits_in_kernel(ref):
-    """TritonOps gives split decode batches its count buffer (zero again after)."""
-    ops = TritonOps()
-    ops._target_programs[DEVICE] = 64  # split even these short contexts
-    inputs = attention_inputs([1, 2, 1], [300, 200, 90], 4, 2, 64, 16, torch.float32)
-    check_attention(ref, ops.attention(*inputs, scale=64 ** -0.5), *inputs)
-    assert DEVICE in ops._split_counts and not ops._split_counts[DEVICE].any()
-    with pytest.raises(ValueError, match="split_counts"):
-        paged_attention(*inputs, scale=1.0, num_splits=4,
-                        split_counts=torch.zeros(1, dtype=torch.int32, device=DEVICE))
+def test_attention_split_kv(ref, batch, num_splits):
+    inputs = attention_inputs(*BATCHES[batch], 4, 2, 64, 16, torch.float32)
+    out = paged_attention(*inputs, scale=64 ** -0.5, num_splits=num_splits)
+    check_attention(ref, out, *inputs)
 
 
 @pytest.mark.parametrize("query_len", [1, 3])
@@ -157,11 +136,8 @@ def test_attention_decode_longest_first(ref, query_len, num_splits):
     context_lens[-1] = query_len  # a graph's padding row: q keys only
     inputs = attention_inputs([query_len] * num_seqs, context_lens, 4, 2, 64, 16,
                               torch.float32)
-    counts = torch.zeros(256, dtype=torch.int32, device=DEVICE)
-    for split_counts in (None, counts):  # merged by a second kernel / in place
-        out = paged_attention(*inputs, scale=64 ** -0.5, num_splits=num_splits,
-                              split_counts=split_counts)
-        check_attention(ref, out, *inputs)
+    out = paged_attention(*inputs, scale=64 ** -0.5, num_splits=num_splits)
+    check_attention(ref, out, *inputs)
     order = inputs[3].longest_first.tolist()
     assert sorted(order) == list(range(num_seqs))
     assert [context_lens[i] for i in order] == sorted(context_lens, reverse=True)

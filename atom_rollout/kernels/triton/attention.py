@@ -5,10 +5,8 @@ one sequence times the GROUP query heads that share one kv head, so K/V is read
 once per tile for the whole GQA group. Prefill programs find their sequence by
 binary search over ``query_start_loc`` (grid size comes from host ints only, so
 the launch is CUDA-graph capturable). For decode-shaped batches the key range is
-split over several programs (flash-decoding); the last program of a tile to finish
-merges the splits (an atomic count per tile; a second launch, ~1.7 us per layer at
-batch 1 on an H100, was most of what the split cost), or, without a count buffer, a
-second kernel merges them. Their grid is sequence-major (all heads and splits of one sequence launch
+split over several programs (flash-decoding) and a second kernel merges them;
+their grid is sequence-major (all heads and splits of one sequence launch
 together) and, from ORDER_MIN_SEQS sequences up, walks the sequences longest
 context first, so the longest programs start first and the short ones fill the
 SMs at the end (H100, Qwen3-0.6B heads, contexts 100-2048: batch 48-128 4-15%
@@ -52,7 +50,7 @@ def _find_seq(query_start_loc, q_block_id, num_seqs, BLOCK_Q: tl.constexpr):
 # start-up warm-up (one prompt, a 3-block table) never meets.
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _paged_attention_kernel(
-    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, split_counts_ptr,
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     q_ptr, k_cache_ptr, v_cache_ptr,
     query_start_loc, context_lens, block_tables, seq_order,
     num_seqs, num_heads, num_splits, q_blocks_per_seq, scale_log2,
@@ -62,7 +60,7 @@ def _paged_attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DECODE: tl.constexpr, ORDERED: tl.constexpr, MERGE_HERE: tl.constexpr,
+    DECODE: tl.constexpr, ORDERED: tl.constexpr,
 ):
     if DECODE:  # grid (kv_heads * splits, sequence slots * q_blocks_per_seq)
         kv_head = tl.program_id(0) % (num_heads // GROUP)
@@ -99,14 +97,10 @@ def _paged_attention_kernel(
     last_q = tl.minimum(q_block * BLOCK_Q + BLOCK_Q, q_len) - 1
     kv_hi = ctx_len - q_len + last_q + 1
     kv_lo = 0
-    kv_end = kv_hi
-    chunk = kv_hi
     if SPLIT:
         chunk = tl.cdiv(tl.cdiv(kv_hi, num_splits), BLOCK_N) * BLOCK_N
         kv_lo = split * chunk
         kv_hi = tl.minimum(kv_lo + chunk, kv_hi)
-        if MERGE_HERE and kv_lo >= kv_end:
-            return  # an empty split: the merge counts only splits with keys
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -140,50 +134,10 @@ def _paged_attention_kernel(
         tl.store(part_m_ptr + part, m_i, mask=row_valid)
         tl.store(part_l_ptr + part, l_i, mask=row_valid)
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=store_mask)
-        if MERGE_HERE:
-            # acq_rel: this tile's partials are visible to whichever program counts last,
-            # and that one sees all of them
-            tile = split_counts_ptr + tl.program_id(1) * (num_heads // GROUP) + kv_head
-            arrived = tl.atomic_add(tile, 1, sem="acq_rel")
-            if arrived == tl.cdiv(kv_end, chunk) - 1:
-                _merge_tile(out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, token, head,
-                            row_valid, dims, dim_valid, tl.cdiv(kv_end, chunk), num_heads,
-                            num_splits, stride_ot, stride_oh, HEAD_DIM, BLOCK_M, BLOCK_D)
-                tl.store(tile, 0)  # zero again for the next launch (and graph replay)
     else:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=store_mask)
-
-
-@triton.jit
-def _merge_tile(out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, token, head, row_valid,
-                dims, dim_valid, active_splits, num_heads, num_splits, stride_ot, stride_oh,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Combines a tile's first ``active_splits`` partials (online, like the kernel's own
-    key loop) and writes the normalised output. Loads bypass L1 (.cg): other programs
-    wrote these during this launch."""
-    m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_run = tl.zeros([BLOCK_M], tl.float32)
-    acc_run = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    first = (token * num_heads + head) * num_splits
-    for s in range(0, active_splits):
-        m_s = tl.load(part_m_ptr + first + s, mask=row_valid, other=float("-inf"),
-                      cache_modifier=".cg")
-        l_s = tl.load(part_l_ptr + first + s, mask=row_valid, other=0.0, cache_modifier=".cg")
-        acc_s = tl.load(part_acc_ptr + (first + s)[:, None] * HEAD_DIM + dims[None, :],
-                        mask=row_valid[:, None] & dim_valid[None, :], other=0.0,
-                        cache_modifier=".cg")
-        m_new = tl.maximum(m_run, m_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        old_weight = tl.exp2(m_run - m_safe)
-        new_weight = tl.exp2(m_s - m_safe)
-        l_run = l_run * old_weight + l_s * new_weight
-        acc_run = acc_run * old_weight[:, None] + acc_s * new_weight[:, None]
-        m_run = m_new
-    out = acc_run / tl.where(l_run == 0.0, 1.0, l_run)[:, None]
-    tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
 
 
 @triton.jit
@@ -241,20 +195,11 @@ def choose_num_splits(meta: AttentionMetadata, config: TileConfig, kv_heads: int
     return 1 << (splits.bit_length() - 1)
 
 
-def split_tiles(meta: AttentionMetadata, config: TileConfig, kv_heads: int) -> int:
-    """Decode tiles of a batch (sequences x query blocks x kv heads): one split count each."""
-    return meta.num_seqs * triton.cdiv(meta.max_query_len, config.block_q) * kv_heads
-
-
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float, num_splits: int = 1,
-                    config: TileConfig | None = None,
-                    split_counts: torch.Tensor | None = None) -> torch.Tensor:
+                    config: TileConfig | None = None) -> torch.Tensor:
     """Causal paged attention; ``num_splits`` > 1 splits every tile's key range;
-    ``config`` overrides the tile shape chosen from the batch (for tuning).
-    ``split_counts``: int32 zeros, at least ``split_tiles(...)`` of them, kept by the
-    caller across calls (each call leaves them zero): decode splits are then merged by
-    their last program instead of a second kernel."""
+    ``config`` overrides the tile shape chosen from the batch (for tuning)."""
     num_tokens, num_heads, head_dim = query.shape
     kv_heads = k_cache.shape[2]
     _check_shapes(query, k_cache, v_cache, meta)
@@ -275,13 +220,8 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     grid = ((kv_heads * num_splits, meta.num_seqs * q_blocks_per_seq) if decode
             else (num_tokens // config.block_q + meta.num_seqs, kv_heads, num_splits))
     ordered = decode and meta.num_seqs >= ORDER_MIN_SEQS
-    merge_here = split and decode and split_counts is not None
-    if merge_here and split_counts.numel() < split_tiles(meta, config, kv_heads):
-        raise ValueError(f"attention: split_counts has {split_counts.numel()} counts, "
-                         f"this batch needs {split_tiles(meta, config, kv_heads)}")
     _paged_attention_kernel[grid](
-        out, part_acc, part_m, part_l, split_counts if merge_here else out,
-        query, k_cache, v_cache,
+        out, part_acc, part_m, part_l, query, k_cache, v_cache,
         meta.query_start_loc, meta.context_lens, meta.block_tables,
         meta.longest_first if ordered else meta.context_lens,  # read only when ORDERED
         meta.num_seqs, num_heads, num_splits, q_blocks_per_seq, scale * LOG2E,
@@ -292,10 +232,9 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_Q=config.block_q, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         PAGE=k_cache.shape[1], SPLIT=split, DECODE=decode, ORDERED=ordered,
-        MERGE_HERE=merge_here,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages)
-    if split and not merge_here:
+    if split:
         _merge_splits_kernel[(num_tokens, num_heads)](
             out, part_acc, part_m, part_l, num_heads, num_splits,
             out.stride(0), out.stride(1), HEAD_DIM=head_dim,

@@ -24,10 +24,6 @@ class TritonOps:
         self._prepare_qkv = prepare_qkv
         self.fused_qkv = True  # False: q/k norm, rotary and the KV write as separate kernels
         self._target_programs: dict[torch.device, int] = {}
-        # int32 zeros per device for attention's in-kernel split merge; a buffer that
-        # grows is kept (_retired_counts): captured graphs still point at it
-        self._split_counts: dict[torch.device, torch.Tensor] = {}
-        self._retired_counts: list[torch.Tensor] = []
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -39,12 +35,7 @@ class TritonOps:
             meta.max_query_len, _next_pow2(query.shape[1] // max(1, k_cache.shape[2])))
         splits = self._attention.choose_num_splits(
             meta, config, k_cache.shape[2], self._programs_to_fill(query.device))
-        counts = None
-        if splits > 1:
-            counts = self._counts(query.device,
-                                  self._attention.split_tiles(meta, config, k_cache.shape[2]))
-        return self._attention.paged_attention(query, k_cache, v_cache, meta, scale, splits,
-                                               split_counts=counts)
+        return self._attention.paged_attention(query, k_cache, v_cache, meta, scale, splits)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None = None):
@@ -74,16 +65,6 @@ class TritonOps:
                               f"+ write_kv: {type(error).__name__}: {str(error)[:200]}")
                 self.fused_qkv = False
         return unfused_prepare_qkv(self, *args)
-
-    def _counts(self, device: torch.device, needed: int) -> torch.Tensor:
-        counts = self._split_counts.get(device)
-        if counts is None or counts.numel() < needed:
-            if counts is not None:
-                self._retired_counts.append(counts)
-            size = max(needed, 2 * counts.numel() if counts is not None else 1024)
-            counts = self._split_counts[device] = torch.zeros(size, dtype=torch.int32,
-                                                              device=device)
-        return counts
 
     def _programs_to_fill(self, device: torch.device) -> int:
         """About four programs per multiprocessor: with decode contexts of uneven
