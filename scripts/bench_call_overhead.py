@@ -1,5 +1,5 @@
 """Is the plain decode loop host-bound? generate_batch's wall time against max_tokens
-(1, 33, 129; ignore_eos): the slope is the time per decode step, the intercept what one
+(1, 129, 513; ignore_eos): the slope is the time per decode step, the intercept what one
 call costs besides (intake, the eager prefill, output), set against the decode graph's
 own replay time at the same batch.
 
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from atom_rollout import RolloutEngine, SamplingParams  # noqa: E402
 from atom_rollout.bench.models import config_dir  # noqa: E402
 
-TOKENS = (1, 33, 129)
+TOKENS = (1, 129, 513)
 
 
 def model_dir(args) -> str:
