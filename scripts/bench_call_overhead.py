@@ -6,7 +6,9 @@ own replay time at the same batch.
     python scripts/bench_call_overhead.py [--model qwen3-0.6b | --config DIR/config.json]
 
 Random weights of a named shape or of any config.json (for example SmolLM2's); prompts
-of 32 tokens; batches 1, 16 and 64; best of 3. Writes $OUT/call_overhead_<name>.json.
+of 32 tokens; batches 1, 16 and 64; best of 3. The replay runs on the inputs of the last
+step (the longest contexts), so where attention weighs (large batches) it exceeds the
+average step and the intercept means little there. Writes $OUT/call_overhead_<name>.json.
 GPU only.
 """
 from __future__ import annotations
