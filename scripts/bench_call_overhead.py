@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atom_rollout import RolloutEngine, SamplingParams  # noqa: E402
 from atom_rollout.bench.models import config_dir  # noqa: E402
+from bench_util import replay_us  # noqa: E402
 
 TOKENS = (1, 129, 513)
 
@@ -53,20 +54,11 @@ def call_ms(engine: RolloutEngine, prompts: list[list[int]], tokens: int) -> flo
     return best * 1e3
 
 
-def replay_us(engine: RolloutEngine, batch: int, replays: int = 100) -> float:
+def decode_graph(engine: RolloutEngine, batch: int) -> torch.cuda.CUDAGraph:
+    """The engine's 1-token decode graph for ``batch`` sequences (the padded size)."""
     graphs = engine.core.runner.graphs.graphs
     size = min(key[1] for key in graphs if key[0] == 1 and key[1] >= batch and key[2] is None)
-    graph = graphs[1, size, None]
-    for _ in range(5):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays * 1e3
+    return graphs[1, size, None]
 
 
 def main() -> int:
@@ -84,7 +76,7 @@ def main() -> int:
         ms = {tokens: call_ms(engine, prompts, tokens) for tokens in TOKENS}
         step_us = (ms[TOKENS[2]] - ms[TOKENS[1]]) / (TOKENS[2] - TOKENS[1]) * 1e3
         row = {"batch": batch, "call_ms": ms, "us_per_step": step_us,
-               "graph_replay_us": replay_us(engine, batch),
+               "graph_replay_us": replay_us(decode_graph(engine, batch), 100),
                "per_call_ms": ms[TOKENS[1]] - TOKENS[1] * step_us / 1e3}
         rows.append(row)
         print(f"batch {batch}: {step_us:.0f} us per decode step against "

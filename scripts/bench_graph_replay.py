@@ -12,12 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from atom_rollout import RolloutEngine, SamplingParams
-from atom_rollout.bench.models import config_dir
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from atom_rollout import RolloutEngine, SamplingParams  # noqa: E402
+from atom_rollout.bench.models import config_dir  # noqa: E402
+from bench_util import replay_us  # noqa: E402
 
 OUTPUT_TOKENS = 256
 
@@ -34,19 +39,6 @@ def engine_us_per_token(engine: RolloutEngine) -> float:
         torch.cuda.synchronize()
         best = min(best, (time.perf_counter() - start) / OUTPUT_TOKENS)
     return best * 1e6
-
-
-def replay_us(graph: torch.cuda.CUDAGraph, replays: int = 200) -> float:
-    for _ in range(10):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays * 1e3
 
 
 def main(argv=None) -> None:

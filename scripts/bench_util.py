@@ -81,3 +81,17 @@ def graph_us(fn: Callable, repeat: int, on_gpu: bool) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / repeat)
     return statistics.median(times)
+
+
+def replay_us(graph: torch.cuda.CUDAGraph, replays: int = 200) -> float:
+    """Mean microseconds per replay of an already captured graph, back to back."""
+    for _ in range(10):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays * 1e3
