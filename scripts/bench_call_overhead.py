@@ -19,7 +19,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atom_rollout import RolloutEngine, SamplingParams  # noqa: E402
 from atom_rollout.bench.models import config_dir  # noqa: E402
-from bench_util import replay_us  # noqa: E402
+from bench_util import best_generate_seconds, replay_us  # noqa: E402
 
 TOKENS = (1, 129, 513)
 
@@ -43,15 +42,7 @@ def model_dir(args) -> str:
 
 def call_ms(engine: RolloutEngine, prompts: list[list[int]], tokens: int) -> float:
     params = SamplingParams(temperature=1.0, max_tokens=tokens, ignore_eos=True, seed=0)
-    engine.generate_batch(prompts, params)
-    best = float("inf")
-    for _ in range(3):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        engine.generate_batch(prompts, params)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+    return best_generate_seconds(engine, prompts, params) * 1e3
 
 
 def decode_graph(engine: RolloutEngine, batch: int) -> torch.cuda.CUDAGraph:

@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atom_rollout import RolloutEngine, SamplingParams  # noqa: E402
 from atom_rollout.bench.models import config_dir  # noqa: E402
-from bench_util import replay_us  # noqa: E402
+from bench_util import best_generate_seconds, replay_us  # noqa: E402
 
 OUTPUT_TOKENS = 256
 
@@ -30,15 +29,7 @@ OUTPUT_TOKENS = 256
 def engine_us_per_token(engine: RolloutEngine) -> float:
     prompt = [[5 + i % 1000 for i in range(128)]]
     params = SamplingParams(temperature=1.0, max_tokens=OUTPUT_TOKENS, ignore_eos=True, seed=0)
-    engine.generate_batch(prompt, params)
-    best = float("inf")
-    for _ in range(3):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        engine.generate_batch(prompt, params)
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - start) / OUTPUT_TOKENS)
-    return best * 1e6
+    return best_generate_seconds(engine, prompt, params) / OUTPUT_TOKENS * 1e6
 
 
 def main(argv=None) -> None:
