@@ -69,7 +69,7 @@ def train(policy, sequences: list[list[int]], args) -> MTPHead:
     if args.init == "last-layer":
         _copy_last_layer(head, policy)
     if args.init_from:
-        _load_head(head, args.init_from)
+        head.load_named_tensors(load_file(args.init_from))
     optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(args.steps))
     generator = torch.Generator().manual_seed(0)
@@ -99,19 +99,6 @@ def _copy_last_layer(head: MTPHead, policy) -> None:
     last, layer = policy.model.layers[-1], head.layers[0]
     for name in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"):
         getattr(layer, name).load_state_dict(getattr(last, name).state_dict())
-
-
-def _load_head(head: MTPHead, path: str) -> None:
-    """Our layout's tensors (mtp.layers.0.*) into the head; every one must be there."""
-    tensors = load_file(path)
-    params = dict(head.named_parameters())
-    names = {name.removeprefix("mtp."): t for name, t in tensors.items()}
-    if set(names) != set(params):
-        raise ValueError(f"--init-from {path}: tensors {sorted(set(names) ^ set(params))} "
-                         f"do not match the head's")
-    with torch.no_grad():
-        for name, t in names.items():
-            params[name].copy_(t)
 
 
 def _padded(batch: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:

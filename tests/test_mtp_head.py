@@ -119,3 +119,23 @@ def test_tv_loss_is_one_minus_the_acceptance_probability(checkpoints):
     assert rejection() < before
     with pytest.raises(ValueError, match="divergence"):
         head.loss(ids, hidden, teacher_logits=logits, divergence="js")
+
+
+def test_load_named_tensors_is_the_inverse_of_named_tensors(checkpoints):
+    _, policy = checkpoints["llama"]
+    torch.manual_seed(5)
+    saved = {n: t.clone() for n, t in MTPHead(policy).named_tensors()}
+    torch.manual_seed(6)
+    head = MTPHead(policy)
+    head.load_named_tensors(saved)
+    for name, t in head.named_tensors():
+        torch.testing.assert_close(t, saved[name], rtol=0, atol=0)
+    before = {n: t.clone() for n, t in head.named_tensors()}
+    some = dict(list(saved.items())[:-1])
+    with pytest.raises(ValueError, match="names"):
+        head.load_named_tensors(some)
+    bad = {n: (t[:1] if i == 0 else -t) for i, (n, t) in enumerate(saved.items())}
+    with pytest.raises(ValueError, match="shapes"):
+        head.load_named_tensors(bad)
+    for name, t in head.named_tensors():  # a refused load changed nothing
+        torch.testing.assert_close(t, before[name], rtol=0, atol=0)

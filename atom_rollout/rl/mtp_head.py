@@ -87,6 +87,22 @@ class MTPHead(nn.Module):
         """The engine's names (``mtp.layers.0.*``) for update_weights / WeightSender."""
         return [(f"mtp.{name}", p.detach()) for name, p in self.named_parameters()]
 
+    @torch.no_grad()
+    def load_named_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The inverse of ``named_tensors``: a head saved in our layout (for example a
+        checkpoint's mtp.safetensors) into this one; every tensor must be there, with its
+        shape, or nothing changes."""
+        params = dict(self.named_parameters())
+        named = {name.removeprefix("mtp."): t for name, t in tensors.items()}
+        if set(named) != set(params):
+            raise ValueError(f"tensors: names {sorted(set(named) ^ set(params))} do not "
+                             f"match the head's")
+        wrong = [n for n, t in named.items() if t.shape != params[n].shape]
+        if wrong:
+            raise ValueError(f"tensors: shapes of {wrong} do not match the head's")
+        for name, t in named.items():
+            params[name].copy_(t)
+
     def forward(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """MTP hidden states [B, T-1, H]: row i pairs hidden[:, i] with the embedding of
         input_ids[:, i + 1] and predicts input_ids[:, i + 2]."""
