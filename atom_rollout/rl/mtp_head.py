@@ -5,6 +5,7 @@ policy's own transformers classes, with the engine's tensor names, so it travels
 the policy's weights::
 
     head = MTPHead(policy)                       # optimise head.parameters() separately
+    head.load_named_tensors(load_file("ckpt/mtp.safetensors"))  # optional: a trained start
     loss = head.loss(input_ids, hidden, mask)    # hidden: policy.model(...).last_hidden_state
     loss = head.loss(input_ids, hidden, mask, teacher_logits=logits, depth=3)  # distil, chained
     loss = head.loss(..., teacher_logits=logits, divergence="tv")  # 1 - acceptance itself
