@@ -1,5 +1,4 @@
 """The trainer-side MTP head is the engine's MTP layer, and trains without touching the policy."""
-import json
 
 import pytest
 import torch
