@@ -47,9 +47,8 @@ def call_ms(engine: RolloutEngine, prompts: list[list[int]], tokens: int) -> flo
 
 def decode_graph(engine: RolloutEngine, batch: int) -> torch.cuda.CUDAGraph:
     """The engine's 1-token decode graph for ``batch`` sequences (the padded size)."""
-    graphs = engine.core.runner.graphs.graphs
-    size = min(key[1] for key in graphs if key[0] == 1 and key[1] >= batch and key[2] is None)
-    return graphs[1, size, None]
+    graphs = engine.core.runner.graphs
+    return graphs.graphs[1, graphs.padded_size(batch), None]
 
 
 def main() -> int:

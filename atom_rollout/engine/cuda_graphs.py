@@ -60,6 +60,10 @@ class DecodeGraphs:
     def fits(self, query_len: int, batch: int) -> bool:
         return query_len in self.query_lens and batch <= self.max_batch
 
+    def padded_size(self, batch: int) -> int:
+        """The captured batch size a batch of ``batch`` sequences runs in."""
+        return next(s for s in self.sizes if s >= batch)
+
     def meta(self, query_len: int, size: int) -> AttentionMetadata:
         """The attention metadata of a (query length, padded size) forward."""
         return AttentionMetadata(self.slot_mapping[:size * query_len],
@@ -143,7 +147,7 @@ class DecodeGraphs:
               block_tables) -> int:
         """Copies a batch into the static inputs, pads it; returns the padded size."""
         batch = context_lens.shape[0]
-        size = next(s for s in self.sizes if s >= batch)
+        size = self.padded_size(batch)
         tokens, padded = batch * query_len, size * query_len
         self.input_ids[:tokens].copy_(input_ids, non_blocking=True)
         self.positions[:tokens].copy_(positions, non_blocking=True)
