@@ -17,6 +17,8 @@ from atom_rollout.kernels import AttentionMetadata, TorchOps, unfused_prepare_qk
 from atom_rollout.kernels.triton import TritonOps, is_available  # noqa: E402
 from atom_rollout.kernels.triton.attention import (  # noqa: E402
     ORDER_MIN_SEQS, TileConfig, choose_num_splits, paged_attention)
+from atom_rollout.kernels.triton.split_k_linear import (  # noqa: E402
+    MAX_ROWS, SplitKConfig, choose_config, split_k_partials)
 from atom_rollout.models.decoder import Attention, DecoderSpec  # noqa: E402
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -352,7 +354,7 @@ def test_prepare_qkv_rejects_one_norm_weight(tri):
 
 
 def test_attention_layer_calls_prepare_qkv(tri):
-    """Attention.forward on TritonOps equals the separate q_norm/k_norm, rotary
+    """Attention.attend on TritonOps equals the separate q_norm/k_norm, rotary
     and write_kv calls it made before prepare_qkv (Qwen3's odd head_dim 24)."""
     spec = DecoderSpec(vocab_size=16, hidden_size=48, intermediate_size=64, num_layers=1,
                        num_heads=4, num_kv_heads=2, head_dim=24, rms_norm_eps=1e-5,
@@ -366,7 +368,7 @@ def test_attention_layer_calls_prepare_qkv(tri):
     outs = []
     for ops in (tri, _unfused_ops()):
         caches = (k_cache.clone(), v_cache.clone())
-        outs.append((layer(ops, x, positions, cos_sin, caches, meta), *caches))
+        outs.append((layer.attend(ops, x, positions, cos_sin, caches, meta), *caches))
     assert max_abs_diff(outs[0], outs[1]) == 0.0
 
 
@@ -400,6 +402,51 @@ def test_silu_and_mul(ref, tri, dtype, shape):
     expected, got = ref.silu_and_mul(x), tri.silu_and_mul(x)
     assert got.shape == expected.shape and got.dtype == dtype
     torch.testing.assert_close(got.float(), expected.float(), **TOL[dtype])
+
+
+def linear_norm_inputs(rows: int, k: int, n: int, gated: bool, dtype) -> dict:
+    return dict(x=_randn(rows, 2 * k if gated else k, dtype=dtype),
+                weight=(_randn(n, k) * k ** -0.5).to(dtype), residual=_randn(rows, n, dtype=dtype),
+                norm_weight=_randn(n, dtype=dtype), eps=1e-6, gated=gated)
+
+
+# rows 1 (multiply and sum), 3 and 16 (tl.dot), 17 (over MAX_ROWS: cuBLAS + rms_norm);
+# k = 320 and n = 80 leave partial tiles and give 3 K splits.
+@pytest.mark.parametrize("dtype", ATTN_DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 3, MAX_ROWS, MAX_ROWS + 1])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_linear_add_rms_norm(ref, tri, dtype, rows, gated):
+    inputs = linear_norm_inputs(rows, 320, 80, gated, dtype)
+    expected, got = ref.linear_add_rms_norm(**inputs), tri.linear_add_rms_norm(**inputs)
+    for e, g in zip(expected, got):
+        assert g.shape == e.shape and g.dtype == dtype
+        torch.testing.assert_close(g.float(), e.float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 5])
+def test_split_k_partials_sum_to_the_projection(splits):
+    """Any split of K (5 splits of 3 blocks leave empty ones) sums to x @ W.T."""
+    inputs = linear_norm_inputs(2, 320, 80, True, torch.float32)
+    partials = split_k_partials(inputs["x"], inputs["weight"], gated=True,
+                                config=SplitKConfig(block_n=32, block_k=128, splits=splits))
+    assert partials.shape == (splits, 2, 80) and partials.dtype == torch.float32
+    expected = TorchOps().silu_and_mul(inputs["x"]) @ inputs["weight"].T
+    torch.testing.assert_close(partials.sum(0), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_split_k_config_fills_the_grid():
+    assert choose_config(1024, 2048, 264) == SplitKConfig(32, 128, 8)
+    assert choose_config(1024, 3072, 264) == SplitKConfig(32, 128, 8)
+    assert choose_config(80, 320, 8) == SplitKConfig(32, 128, 3)  # the test shapes above
+    assert choose_config(4096, 1024, 264).splits == 2
+    assert choose_config(64, 64, 8).splits == 1
+
+
+def test_split_k_partials_rejects_wrong_shapes():
+    with pytest.raises(ValueError, match="split_k_partials"):
+        split_k_partials(_randn(2, 30), _randn(8, 16), gated=True)
+    with pytest.raises(ValueError, match="split_k_partials"):
+        split_k_partials(_randn(MAX_ROWS + 1, 16), _randn(8, 16))
 
 
 def test_empty_batches(tri):

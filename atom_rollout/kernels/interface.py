@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from .metadata import AttentionMetadata
 
@@ -46,6 +47,23 @@ class KernelOps(Protocol):
         q_weight and k_weight are given), rotary, then key and value stored at
         slot_mapping (negative slots skipped). Returns the rotated (query, key);
         backends may overwrite query and key in place."""
+
+    def linear_add_rms_norm(self, x: torch.Tensor, weight: torch.Tensor,
+                            residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                            gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """A residual branch's last projection, the residual add and the next RMSNorm,
+        equal to ``unfused_linear_add_rms_norm``: y = x @ weight.T (of silu_and_mul(x)
+        when ``gated``), then rms_norm(y, norm_weight, eps, residual). Returns
+        (normed, y + residual)."""
+
+
+def unfused_linear_add_rms_norm(ops: KernelOps, x: torch.Tensor, weight: torch.Tensor,
+                                residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                                gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """linear_add_rms_norm as ops' own silu_and_mul and rms_norm around F.linear: the
+    definition a fused backend must match."""
+    y = F.linear(ops.silu_and_mul(x) if gated else x, weight)
+    return ops.rms_norm(y, norm_weight, eps, residual)
 
 
 def unfused_prepare_qkv(ops: KernelOps, query: torch.Tensor, key: torch.Tensor,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .interface import unfused_prepare_qkv
+from .interface import unfused_linear_add_rms_norm, unfused_prepare_qkv
 from .metadata import AttentionMetadata
 
 
@@ -51,6 +51,9 @@ class TorchOps:
                     k_cache, v_cache, slot_mapping):
         return unfused_prepare_qkv(self, query, key, value, q_weight, k_weight, eps,
                                    positions, cos_sin, k_cache, v_cache, slot_mapping)
+
+    def linear_add_rms_norm(self, x, weight, residual, norm_weight, eps, gated=False):
+        return unfused_linear_add_rms_norm(self, x, weight, residual, norm_weight, eps, gated)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -75,9 +75,11 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.scale = spec.head_dim ** -0.5
 
-    def forward(self, ops: KernelOps, x: torch.Tensor, positions: torch.Tensor,
-                cos_sin: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
+    def attend(self, ops: KernelOps, x: torch.Tensor, positions: torch.Tensor,
+               cos_sin: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+               meta: AttentionMetadata) -> torch.Tensor:
+        """The heads' outputs [T, q_size], before o_proj (the layer fuses o_proj with
+        the residual add and the next RMSNorm)."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
@@ -86,7 +88,7 @@ class Attention(nn.Module):
         q, _ = ops.prepare_qkv(q, k, v, q_weight, k_weight, eps, positions, cos_sin,
                                kv_cache[0], kv_cache[1], meta.slot_mapping)
         out = ops.attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return out.reshape(-1, self.q_size)
 
     def _qk_norm_args(self) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
         if self.q_norm is None:
@@ -102,9 +104,6 @@ class MLP(nn.Module):
         self.gate_up_proj.weight.shards = {"gate_proj": (0, size), "up_proj": (size, size)}
         self.down_proj = nn.Linear(size, spec.hidden_size, bias=False)
 
-    def forward(self, ops: KernelOps, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
-
 
 class DecoderLayer(nn.Module):
     def __init__(self, spec: DecoderSpec):
@@ -114,14 +113,22 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec)
 
-    def forward(self, ops, x, residual, positions, cos_sin, kv_cache, meta):
-        if residual is None:
-            x, residual = self.input_layernorm(ops, x), x
-        else:
-            x, residual = self.input_layernorm(ops, x, residual)
-        x = self.self_attn(ops, x, positions, cos_sin, kv_cache, meta)
-        x, residual = self.post_attention_layernorm(ops, x, residual)
-        return self.mlp(ops, x), residual
+    def forward(self, ops: KernelOps, x: torch.Tensor, residual: torch.Tensor,
+                positions: torch.Tensor, cos_sin: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+                next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """x is this layer's input already normalised by input_layernorm (the layer
+        before applied it); returns next_norm of the residual stream after this layer,
+        and that stream. Each branch's last projection, its residual add and the
+        RMSNorm after it are one op (``KernelOps.linear_add_rms_norm``)."""
+        attn = self.self_attn
+        heads = attn.attend(ops, x, positions, cos_sin, kv_cache, meta)
+        post_norm = self.post_attention_layernorm
+        x, residual = ops.linear_add_rms_norm(heads, attn.o_proj.weight, residual,
+                                              post_norm.weight, post_norm.eps)
+        gate_up = self.mlp.gate_up_proj(x)
+        return ops.linear_add_rms_norm(gate_up, self.mlp.down_proj.weight, residual,
+                                       next_norm.weight, next_norm.eps, gated=True)
 
 
 class DecoderModel(nn.Module):
@@ -154,10 +161,13 @@ class DecoderForCausalLM(nn.Module):
     def forward(self, ops: KernelOps, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 meta: AttentionMetadata) -> torch.Tensor:
-        x, residual = self.model.embed_tokens(input_ids), None
-        for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x, residual = layer(ops, x, residual, positions, self.cos_sin, kv_cache, meta)
-        x, _ = self.model.norm(ops, x, residual)
+        layers = self.model.layers
+        residual = self.model.embed_tokens(input_ids)
+        x = layers[0].input_layernorm(ops, residual)
+        next_norms = [layer.input_layernorm for layer in layers[1:]] + [self.model.norm]
+        for layer, kv_cache, next_norm in zip(layers, kv_caches, next_norms):
+            x, residual = layer(ops, x, residual, positions, self.cos_sin, kv_cache, meta,
+                                next_norm)
         return x
 
     def compute_logits(self, hidden: torch.Tensor, as_float32: bool = True) -> torch.Tensor:

@@ -44,9 +44,9 @@ class MTPLayer(DecoderLayer):
         """Hidden states [T, hidden] for the shared LM head; row t pairs the hidden state
         of position t - 1 with the embedding of the token at position t."""
         x = torch.cat([self.enorm(ops, token_embeds), self.hnorm(ops, previous_hidden)], -1)
-        x, residual = super().forward(ops, self.eh_proj(x), None, positions, cos_sin,
-                                      kv_cache, meta)
-        x, _ = self.shared_head.norm(ops, x, residual)
+        residual = self.eh_proj(x)
+        x, _ = super().forward(ops, self.input_layernorm(ops, residual), residual, positions,
+                               cos_sin, kv_cache, meta, self.shared_head.norm)
         return x
 
 

@@ -22,6 +22,8 @@ ROCm/aiter e4048607, as called by ROCm/ATOM ffdf3bb5):
 - silu_and_mul  aiter.silu_and_mul(out, x).
 - prepare_qkv   the composition of rms_norm, rotary and write_kv above (no fused
                 AITER call), each with its own fallback.
+- linear_add_rms_norm  silu_and_mul (when gated), torch's linear (hipBLASLt), then
+                rms_norm above.
 Unverified on AMD hardware: tests check argument mapping against a fake aiter.
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from ..interface import KernelOps, unfused_prepare_qkv
+from ..interface import KernelOps, unfused_linear_add_rms_norm, unfused_prepare_qkv
 from ..metadata import AttentionMetadata
 
 PA_PARTITION_SIZE = 256  # paged_attention_v1's partition; its workspace is sized by it
@@ -125,6 +127,11 @@ class AiterOps:
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         return unfused_prepare_qkv(self, query, key, value, q_weight, k_weight, eps,
                                    positions, cos_sin, k_cache, v_cache, slot_mapping)
+
+    def linear_add_rms_norm(self, x: torch.Tensor, weight: torch.Tensor,
+                            residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                            gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        return unfused_linear_add_rms_norm(self, x, weight, residual, norm_weight, eps, gated)
 
     def _paged_decode(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       meta: AttentionMetadata, scale: float) -> torch.Tensor:

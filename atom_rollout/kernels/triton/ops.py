@@ -5,7 +5,7 @@ import warnings
 
 import torch
 
-from ..interface import unfused_prepare_qkv
+from ..interface import unfused_linear_add_rms_norm, unfused_prepare_qkv
 from ..metadata import AttentionMetadata
 
 INTERPRETER_TARGET_PROGRAMS = 4  # keeps split-KV exercised under TRITON_INTERPRET
@@ -17,12 +17,17 @@ class TritonOps:
     def __init__(self) -> None:
         # Imported here, not at module import, so that @triton.jit runs when the
         # first TritonOps is built: TRITON_INTERPRET set by then still applies.
-        from . import attention, kv_cache, pointwise, prepare_qkv
+        from . import attention, kv_cache, pointwise, prepare_qkv, split_k_linear
+        self._split_k = split_k_linear
         self._attention = attention
         self._kv_cache = kv_cache
         self._pointwise = pointwise
         self._prepare_qkv = prepare_qkv
         self.fused_qkv = True  # False: q/k norm, rotary and the KV write as separate kernels
+        # Rows up to which linear_add_rms_norm splits K in a Triton kernel (0: always
+        # cuBLAS + rms_norm); H100 sweep in scripts/bench_split_k.py.
+        self.split_k_max_rows = split_k_linear.MAX_ROWS
+        self.split_k_programs_per_sm = 2
         self._target_programs: dict[torch.device, int] = {}
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
@@ -65,6 +70,19 @@ class TritonOps:
                               f"+ write_kv: {type(error).__name__}: {str(error)[:200]}")
                 self.fused_qkv = False
         return unfused_prepare_qkv(self, *args)
+
+    def linear_add_rms_norm(self, x: torch.Tensor, weight: torch.Tensor,
+                            residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                            gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[0] > self.split_k_max_rows or x.dim() != 2 or weight.stride(-1) != 1 \
+                or weight.dtype != x.dtype or residual.dtype != x.dtype:
+            return unfused_linear_add_rms_norm(self, x, weight, residual, norm_weight, eps,
+                                               gated)
+        # _programs_to_fill is 4 per SM; at least 8 so that tiny test models split K too
+        programs = max(8, self._programs_to_fill(x.device) // 4 * self.split_k_programs_per_sm)
+        partials = self._split_k.split_k_partials(x, weight, gated=gated, programs=programs)
+        return self._pointwise.rms_norm_of_partials(partials, x.dtype, norm_weight, eps,
+                                                    residual)
 
     def _programs_to_fill(self, device: torch.device) -> int:
         """About four programs per multiprocessor: with decode contexts of uneven

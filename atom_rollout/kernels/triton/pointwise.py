@@ -9,13 +9,28 @@ import triton.language as tl
 
 
 @triton.jit
+def _row_input(x_ptr, row, cols, mask, stride_x, split_stride, dtype: tl.constexpr,
+               SPLITS: tl.constexpr):
+    """x's row, or (SPLITS > 0) the sum of SPLITS float32 partials rounded to dtype,
+    added in split order."""
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if SPLITS > 0:
+        for split in range(1, SPLITS):
+            x += tl.load(x_ptr + split * split_stride + row * stride_x + cols, mask=mask,
+                         other=0.0)
+        x = x.to(dtype)
+    return x
+
+
+@triton.jit
 def _rms_norm_kernel(out_ptr, sum_ptr, x_ptr, res_ptr, w_ptr, n_cols, eps,
-                     stride_x, stride_r, stride_o, stride_s,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     stride_x, stride_r, stride_o, stride_s, split_stride,
+                     HAS_RESIDUAL: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    x = _row_input(x_ptr, row, cols, mask, stride_x, split_stride, sum_ptr.dtype.element_ty,
+                   SPLITS)
     if HAS_RESIDUAL:
         res = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + res.to(tl.float32)).to(sum_ptr.dtype.element_ty)
@@ -31,26 +46,50 @@ def _rms_norm_kernel(out_ptr, sum_ptr, x_ptr, res_ptr, w_ptr, n_cols, eps,
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None):
     """Same contract as TorchOps.rms_norm; outputs are new tensors."""
-    n_cols = x.shape[-1]
-    if weight.shape != (n_cols,):
-        raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} != ({n_cols},)")
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"rms_norm: residual shape {tuple(residual.shape)} != x shape "
-                         f"{tuple(x.shape)}")
+    _check_norm_args(x.shape, weight, residual)
     x2 = _rows(x)
     sum_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, sum_dtype),
-                      device=x.device)
+    return _launch_rms_norm(x2, 0, x.shape, sum_dtype, weight, eps, residual)
+
+
+def rms_norm_of_partials(partials: torch.Tensor, dtype: torch.dtype, weight: torch.Tensor,
+                         eps: float, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rms_norm(x, weight, eps, residual) where x, of ``dtype``, is the sum of the float32
+    partials [splits, *residual.shape] (added in split order, then rounded to dtype)."""
+    _check_norm_args(partials.shape[1:], weight, residual)
+    if residual.dtype != dtype or not partials.is_contiguous():
+        raise ValueError(f"rms_norm_of_partials: residual dtype {residual.dtype} must be "
+                         f"{dtype} and the partials contiguous")
+    x2 = partials.view(partials.shape[0], -1, partials.shape[-1])
+    return _launch_rms_norm(x2, partials.shape[0], residual.shape, dtype, weight, eps, residual)
+
+
+def _check_norm_args(shape, weight: torch.Tensor, residual: torch.Tensor | None) -> None:
+    n_cols = shape[-1]
+    if weight.shape != (n_cols,):
+        raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} != ({n_cols},)")
+    if residual is not None and residual.shape != shape:
+        raise ValueError(f"rms_norm: residual shape {tuple(residual.shape)} != x shape "
+                         f"{tuple(shape)}")
+
+
+def _launch_rms_norm(x2: torch.Tensor, splits: int, shape, sum_dtype: torch.dtype,
+                     weight: torch.Tensor, eps: float, residual: torch.Tensor | None):
+    """x2 is [rows, n] (splits == 0) or float32 partials [splits, rows, n]."""
+    n_cols = shape[-1]
+    device = x2.device
+    out = torch.empty(shape, dtype=torch.promote_types(weight.dtype, sum_dtype), device=device)
     out2 = out.view(-1, n_cols)
-    res2 = _rows(residual) if residual is not None else x2
-    total = torch.empty(x.shape, dtype=sum_dtype, device=x.device) if residual is not None else out
+    res2 = _rows(residual) if residual is not None else out2
+    total = torch.empty(shape, dtype=sum_dtype, device=device) if residual is not None else out
     total2 = total.view(-1, n_cols)
-    if x2.shape[0]:
+    if out2.shape[0]:
         block = triton.next_power_of_2(n_cols)
-        _rms_norm_kernel[(x2.shape[0],)](
+        _rms_norm_kernel[(out2.shape[0],)](
             out2, total2, x2, res2, weight.contiguous(), n_cols, eps,
-            x2.stride(0), res2.stride(0), out2.stride(0), total2.stride(0),
-            HAS_RESIDUAL=residual is not None, BLOCK=block,
+            x2.stride(-2), res2.stride(0), out2.stride(0), total2.stride(0),
+            x2.stride(0) if splits else 0,
+            HAS_RESIDUAL=residual is not None, SPLITS=splits, BLOCK=block,
             num_warps=_row_warps(block))
     return out if residual is None else (out, total)
 

@@ -1,0 +1,103 @@
+"""Projections of a few rows (decode at small batch) whose K is split across programs,
+leaving float32 partial sums for the RMSNorm after them to add up.
+
+At batch 1-16 a projection streams its weight once; with an output of 1,024 columns
+(o_proj, down_proj) a program per column tile gives too few programs to keep the
+memory system busy, so cuBLAS splits K and runs a second kernel to reduce. Here the
+reduction costs no launch: ``rms_norm`` reads the partials in place of its input
+(``pointwise.rms_norm(..., partials=...)``), in a fixed order, so results do not
+depend on timing. Optionally SiLU-and-mul is applied to the input as it is read
+(down_proj's input is the gate/up projection), rounded as ``silu_and_mul`` rounds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROWS = 16  # rows per launch; more rows go to the GEMM path
+
+
+@dataclass(frozen=True)
+class SplitKConfig:
+    block_n: int
+    block_k: int
+    splits: int
+    num_warps: int = 4
+
+
+def choose_config(n_out: int, k: int, programs: int) -> SplitKConfig:
+    """Column tiles of 32 and as many K splits (each a multiple of 128 columns) as
+    bring the grid to about ``programs``."""
+    block_n, block_k = 32, 128
+    tiles = triton.cdiv(n_out, block_n)
+    k_blocks = triton.cdiv(k, block_k)
+    splits = max(1, min(k_blocks, round(programs / tiles)))
+    while k_blocks % splits:
+        splits -= 1
+    return SplitKConfig(block_n, block_k, splits)
+
+
+@triton.jit
+def _input_tile(x_ptr, rows, cols, mask, stride_x, K, GATED: tl.constexpr):
+    """x's rows at cols, or silu(gate) * up with silu_and_mul's roundings when GATED
+    (x then holds [gate | up], each K wide)."""
+    ptrs = x_ptr + rows[:, None] * stride_x + cols[None, :]
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if GATED:
+        gate = x.to(tl.float32)
+        up = tl.load(ptrs + K, mask=mask, other=0.0).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty)
+        x = (act.to(tl.float32) * up).to(x_ptr.dtype.element_ty)
+    return x
+
+
+@triton.jit
+def _split_k_kernel(part_ptr, x_ptr, w_ptr, M, N, K, k_per_split, stride_x, stride_w,
+                    GATED: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    tile, split = tl.program_id(0), tl.program_id(1)
+    rows = tl.arange(0, ROWS)
+    row_mask = rows < M
+    n_idx = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n_idx < N
+    w_rows = w_ptr + n_idx.to(tl.int64)[:, None] * stride_w
+    acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
+    k_start = split * k_per_split
+    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        k_mask = cols < K
+        x = _input_tile(x_ptr, rows, cols, row_mask[:, None] & k_mask[None, :], stride_x, K,
+                        GATED)
+        w = tl.load(w_rows + cols[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        if ROWS == 1:  # a broadcast multiply and sum: no MMA padding for one row
+            acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), 1)[None, :]
+        else:
+            acc += tl.dot(x.to(w.dtype), tl.trans(w), input_precision="ieee")
+    out = part_ptr + split * M * N + rows[:, None] * N + n_idx[None, :]
+    tl.store(out, acc, mask=row_mask[:, None] & n_mask[None, :])
+
+
+def split_k_partials(x: torch.Tensor, weight: torch.Tensor, *, gated: bool = False,
+                     config: SplitKConfig | None = None, programs: int = 264) -> torch.Tensor:
+    """float32 partials [splits, M, N] whose sum over splits is x @ weight.T, or
+    silu_and_mul(x) @ weight.T when ``gated``; x is [M <= MAX_ROWS, K] (gated: 2K)."""
+    rows, width = x.shape
+    k = width // 2 if gated else width
+    if rows > MAX_ROWS or weight.dim() != 2 or weight.shape[1] != k \
+            or (gated and width % 2):
+        raise ValueError(f"split_k_partials: x {tuple(x.shape)} (gated={gated}) does not fit "
+                         f"weight {tuple(weight.shape)} (at most {MAX_ROWS} rows)")
+    n_out = weight.shape[0]
+    cfg = config or choose_config(n_out, k, programs)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    partials = torch.empty((cfg.splits, rows, n_out), dtype=torch.float32, device=x.device)
+    if rows:
+        k_per_split = triton.cdiv(triton.cdiv(k, cfg.splits), cfg.block_k) * cfg.block_k
+        _split_k_kernel[(triton.cdiv(n_out, cfg.block_n), cfg.splits)](
+            partials, x, weight, rows, n_out, k, k_per_split, x.stride(0), weight.stride(0),
+            GATED=gated, ROWS=1 if rows == 1 else 16, BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
+    return partials
