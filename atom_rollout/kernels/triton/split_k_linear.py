@@ -28,16 +28,16 @@ class SplitKConfig:
     num_warps: int = 4
 
 
-def choose_config(n_out: int, k: int, programs: int) -> SplitKConfig:
-    """Column tiles of 32 and as many K splits (each a multiple of 128 columns) as
-    bring the grid to about ``programs``."""
-    block_n, block_k = 32, 128
+def choose_config(n_out: int, k: int, programs: int, block_n: int = 32, block_k: int = 128,
+                  num_warps: int = 4) -> SplitKConfig:
+    """Column tiles of block_n and as many K splits (each a whole number of block_k
+    columns) as bring the grid to about ``programs``."""
     tiles = triton.cdiv(n_out, block_n)
     k_blocks = triton.cdiv(k, block_k)
     splits = max(1, min(k_blocks, round(programs / tiles)))
     while k_blocks % splits:
         splits -= 1
-    return SplitKConfig(block_n, block_k, splits)
+    return SplitKConfig(block_n, block_k, splits, num_warps)
 
 
 @triton.jit

@@ -1,0 +1,132 @@
+"""Split-K projections with the reduction in the next RMSNorm, against cuBLAS + rms_norm.
+
+    python scripts/bench_split_k.py [--rows 1,4,16] [--skip-model]
+
+Part 1, per projection (Qwen3-0.6B's o_proj 2048 -> 1024 and gated down_proj
+2 x 3072 -> 1024, each followed by the residual add and RMSNorm): a CUDA graph holding
+28 of them with distinct weights (so weights stream from DRAM as in a model), time per
+call for cuBLAS (``unfused_linear_add_rms_norm``) and a sweep of split-K configs.
+Part 2: Qwen3-0.6B's batch-1 decode graph (forward + LM head, random weights) replayed
+back to back, and the engine's time per token, with the split-K path and without it
+(the same engine, graphs recaptured, alternating). GPU only; JSON to $OUT/split_k.json.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from atom_rollout.kernels.interface import unfused_linear_add_rms_norm  # noqa: E402
+from bench_util import graph_us  # noqa: E402
+
+LAYERS = 28
+HIDDEN = 1024
+STAGES = {"o_proj": (2048, False), "down_proj": (3072, True)}
+
+
+def stage_inputs(rows: int, k: int, gated: bool) -> dict:
+    new = dict(device="cuda", dtype=torch.bfloat16)
+    return dict(x=torch.randn(rows, 2 * k if gated else k, **new),
+                weights=[torch.randn(HIDDEN, k, **new) * k ** -0.5 for _ in range(LAYERS)],
+                residual=torch.randn(rows, HIDDEN, **new),
+                norm_weight=torch.randn(HIDDEN, **new), gated=gated)
+
+
+def chain_us(ops, inputs: dict, config=None) -> float:
+    """us per projection + add + norm in a graph of LAYERS of them."""
+    from atom_rollout.kernels.triton import pointwise, split_k_linear
+
+    def run():
+        for weight in inputs["weights"]:
+            args = (inputs["x"], weight, inputs["residual"], inputs["norm_weight"], 1e-6)
+            if config is None:
+                unfused_linear_add_rms_norm(ops, *args, inputs["gated"])
+                continue
+            partials = split_k_linear.split_k_partials(inputs["x"], weight,
+                                                       gated=inputs["gated"], config=config)
+            pointwise.rms_norm_of_partials(partials, torch.bfloat16, inputs["norm_weight"],
+                                           1e-6, inputs["residual"])
+    return graph_us(run, 1, True) / LAYERS
+
+
+def sweep_configs(k: int, sms: int):
+    from atom_rollout.kernels.triton.split_k_linear import choose_config
+    for block_n, block_k, per_sm, warps in itertools.product(
+            (16, 32, 64), (64, 128, 256), (1, 2, 4), (4, 8)):
+        yield choose_config(HIDDEN, k, per_sm * sms, block_n, block_k, warps)
+
+
+def projection_rows(ops, rows_list: list[int]) -> list[dict]:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    out = []
+    for (stage, (k, gated)), rows in itertools.product(STAGES.items(), rows_list):
+        inputs = stage_inputs(rows, k, gated)
+        row = {"stage": stage, "rows": rows, "cublas_us": chain_us(ops, inputs)}
+        timings = {}
+        for cfg in dict.fromkeys(sweep_configs(k, sms)):
+            timings[f"n{cfg.block_n}k{cfg.block_k}s{cfg.splits}w{cfg.num_warps}"] = \
+                chain_us(ops, inputs, cfg)
+        best = min(timings, key=timings.get)
+        row.update(best=best, best_us=timings[best], configs=timings)
+        default = f"n32k128s{_default_splits(k, sms)}w4"
+        row["default_us"] = timings.get(default)
+        print(f"{stage:9s} rows {rows:2d}: cuBLAS {row['cublas_us']:.2f} us, split-K best "
+              f"{best} {row['best_us']:.2f} us, default {default} {row['default_us']:.2f} us",
+              flush=True)
+        out.append(row)
+    return out
+
+
+def _default_splits(k: int, sms: int) -> int:
+    from atom_rollout.kernels.triton.split_k_linear import choose_config
+    return choose_config(HIDDEN, k, 2 * sms).splits
+
+
+def model_rows(repeats: int = 2) -> list[dict]:
+    from atom_rollout import RolloutEngine
+    from atom_rollout.bench.models import config_dir
+    from bench_graph_replay import engine_us_per_token
+    from bench_util import replay_us
+    engine = RolloutEngine(config_dir("qwen3-0.6b"), load_format="dummy", show_progress=False,
+                           max_num_seqs=1, cuda_graph_max_batch=1, max_model_len=1024,
+                           gpu_memory_utilization=0.5)
+    graphs = engine.core.runner.graphs
+    out = []
+    for _ in range(repeats):
+        for max_rows in (0, 16):
+            graphs.ops.split_k_max_rows = max_rows
+            graphs.graphs.clear()
+            graphs.capture()
+            row = {"split_k_max_rows": max_rows,
+                   "graph_replay_us": replay_us(graphs.graphs[1, 1, None]),
+                   "engine_us_per_token": engine_us_per_token(engine)}
+            print(f"qwen3-0.6b batch 1, split_k_max_rows {max_rows:2d}: graph "
+                  f"{row['graph_replay_us']:.0f} us, engine {row['engine_us_per_token']:.0f} "
+                  f"us/token", flush=True)
+            out.append(row)
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="1,4,16")
+    parser.add_argument("--skip-model", action="store_true")
+    args = parser.parse_args(argv)
+    from atom_rollout.kernels.triton import TritonOps
+    report = {"device": torch.cuda.get_device_name(),
+              "projections": projection_rows(TritonOps(), [int(r) for r in args.rows.split(",")])}
+    if not args.skip_model:
+        report["model"] = model_rows()
+    with open(os.path.join(os.environ.get("OUT", "."), "split_k.json"), "w") as f:
+        json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
