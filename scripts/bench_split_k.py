@@ -103,6 +103,8 @@ def model_rows(repeats: int = 2) -> list[dict]:
         for max_rows in (0, 16):
             graphs.ops.split_k_max_rows = max_rows
             graphs.graphs.clear()
+            graphs.outputs.clear()
+            graphs._pool = None  # a fresh pool: the old graphs' memory is still referenced
             graphs.capture()
             row = {"split_k_max_rows": max_rows,
                    "graph_replay_us": replay_us(graphs.graphs[1, 1, None]),
@@ -122,9 +124,12 @@ def main(argv=None) -> None:
     from atom_rollout.kernels.triton import TritonOps
     report = {"device": torch.cuda.get_device_name(),
               "projections": projection_rows(TritonOps(), [int(r) for r in args.rows.split(",")])}
+    path = os.path.join(os.environ.get("OUT", "."), "split_k.json")
     if not args.skip_model:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
         report["model"] = model_rows()
-    with open(os.path.join(os.environ.get("OUT", "."), "split_k.json"), "w") as f:
+    with open(path, "w") as f:
         json.dump(report, f, indent=2)
 
 
