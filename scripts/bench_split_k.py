@@ -6,7 +6,9 @@ Part 1, per projection (Qwen3-0.6B's o_proj 2048 -> 1024 and gated down_proj
 2 x 3072 -> 1024, each followed by the residual add and RMSNorm): a CUDA graph holding
 28 of them with distinct weights (so weights stream from DRAM as in a model), time per
 call for cuBLAS (``unfused_linear_add_rms_norm``) and a sweep of split-K configs.
-Part 2: Qwen3-0.6B's batch-1 decode graph (forward + LM head, random weights) replayed
+Also ``TritonOps.linear_add_rms_norm`` itself (its shipped choice). Part 1b: one-row
+projections without a split (qkv_proj 1024 -> 4096, gate_up_proj 1024 -> 6144) in
+the same kernel against cuBLAS. Part 2: Qwen3-0.6B's batch-1 decode graph (forward + LM head, random weights) replayed
 back to back, and the engine's time per token, with the split-K path and without it
 (the same engine, graphs recaptured, alternating). GPU only; JSON to $OUT/split_k.json.
 """
@@ -17,6 +19,7 @@ import itertools
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,6 +32,7 @@ from bench_util import graph_us  # noqa: E402
 LAYERS = 28
 HIDDEN = 1024
 STAGES = {"o_proj": (2048, False), "down_proj": (3072, True)}
+WIDE = {"qkv_proj": 4096, "gate_up_proj": 6144}
 
 
 def stage_inputs(rows: int, k: int, gated: bool) -> dict:
@@ -39,7 +43,7 @@ def stage_inputs(rows: int, k: int, gated: bool) -> dict:
                 norm_weight=torch.randn(HIDDEN, **new), gated=gated)
 
 
-def chain_us(ops, inputs: dict, config=None) -> float:
+def chain_us(ops, inputs: dict, config=None, shipped: bool = False) -> float:
     """us per projection + add + norm in a graph of LAYERS of them."""
     from atom_rollout.kernels.triton import pointwise, split_k_linear
 
@@ -47,7 +51,9 @@ def chain_us(ops, inputs: dict, config=None) -> float:
         for weight in inputs["weights"]:
             args = (inputs["x"], weight, inputs["residual"], inputs["norm_weight"], 1e-6)
             if config is None:
-                unfused_linear_add_rms_norm(ops, *args, inputs["gated"])
+                link = ops.linear_add_rms_norm if shipped else partial(
+                    unfused_linear_add_rms_norm, ops)
+                link(*args, inputs["gated"])
                 continue
             partials = split_k_linear.split_k_partials(inputs["x"], weight,
                                                        gated=inputs["gated"], config=config)
@@ -57,10 +63,10 @@ def chain_us(ops, inputs: dict, config=None) -> float:
 
 
 def sweep_configs(k: int, sms: int):
-    from atom_rollout.kernels.triton.split_k_linear import choose_config
+    from atom_rollout.kernels.triton.split_k_linear import config_for
     for block_n, block_k, per_sm, warps in itertools.product(
-            (16, 32, 64), (64, 128, 256), (1, 2, 4), (4, 8)):
-        yield choose_config(HIDDEN, k, per_sm * sms, block_n, block_k, warps)
+            (16, 32, 64), (128, 256), (1, 2, 4), (4, 8)):
+        yield config_for(HIDDEN, k, per_sm * sms, block_n, block_k, warps)
 
 
 def projection_rows(ops, rows_list: list[int]) -> list[dict]:
@@ -68,25 +74,44 @@ def projection_rows(ops, rows_list: list[int]) -> list[dict]:
     out = []
     for (stage, (k, gated)), rows in itertools.product(STAGES.items(), rows_list):
         inputs = stage_inputs(rows, k, gated)
-        row = {"stage": stage, "rows": rows, "cublas_us": chain_us(ops, inputs)}
+        row = {"stage": stage, "rows": rows, "cublas_us": chain_us(ops, inputs),
+               "shipped_us": chain_us(ops, inputs, shipped=True)}
         timings = {}
         for cfg in dict.fromkeys(sweep_configs(k, sms)):
             timings[f"n{cfg.block_n}k{cfg.block_k}s{cfg.splits}w{cfg.num_warps}"] = \
                 chain_us(ops, inputs, cfg)
         best = min(timings, key=timings.get)
         row.update(best=best, best_us=timings[best], configs=timings)
-        default = f"n32k128s{_default_splits(k, sms)}w4"
-        row["default_us"] = timings.get(default)
-        print(f"{stage:9s} rows {rows:2d}: cuBLAS {row['cublas_us']:.2f} us, split-K best "
-              f"{best} {row['best_us']:.2f} us, default {default} {row['default_us']:.2f} us",
+        print(f"{stage:9s} rows {rows:2d}: cuBLAS {row['cublas_us']:.2f} us, shipped "
+              f"{row['shipped_us']:.2f} us, split-K best {best} {row['best_us']:.2f} us",
               flush=True)
         out.append(row)
     return out
 
 
-def _default_splits(k: int, sms: int) -> int:
-    from atom_rollout.kernels.triton.split_k_linear import choose_config
-    return choose_config(HIDDEN, k, 2 * sms).splits
+def wide_rows() -> list[dict]:
+    """One-row projections with enough output tiles not to split: cuBLAS vs one split."""
+    from atom_rollout.kernels.triton.split_k_linear import SplitKConfig, split_k_partials
+    out = []
+    new = dict(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, HIDDEN, **new)
+    for stage, n_out in WIDE.items():
+        weights = [torch.randn(n_out, HIDDEN, **new) for _ in range(LAYERS)]
+        row = {"stage": stage, "rows": 1, "cublas_us": graph_us(
+            lambda: [torch.nn.functional.linear(x, w) for w in weights], 1, True) / LAYERS}
+        timings = {}
+        for block_n, block_k, warps in itertools.product((8, 16, 32, 64), (128, 256, 512),
+                                                         (2, 4, 8)):
+            cfg = SplitKConfig(block_n, block_k, 1, warps)
+            timings[f"n{block_n}k{block_k}w{warps}"] = graph_us(
+                lambda: [split_k_partials(x, w, config=cfg, out_dtype=torch.bfloat16)
+                         for w in weights], 1, True) / LAYERS
+        best = min(timings, key=timings.get)
+        row.update(best=best, best_us=timings[best], configs=timings)
+        print(f"{stage:12s} rows 1: cuBLAS {row['cublas_us']:.2f} us, one split best {best} "
+              f"{row['best_us']:.2f} us", flush=True)
+        out.append(row)
+    return out
 
 
 def model_rows(repeats: int = 2) -> list[dict]:
@@ -123,7 +148,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     from atom_rollout.kernels.triton import TritonOps
     report = {"device": torch.cuda.get_device_name(),
-              "projections": projection_rows(TritonOps(), [int(r) for r in args.rows.split(",")])}
+              "projections": projection_rows(TritonOps(), [int(r) for r in args.rows.split(",")]),
+              "wide": wide_rows()}
     path = os.path.join(os.environ.get("OUT", "."), "split_k.json")
     if not args.skip_model:
         with open(path, "w") as f:

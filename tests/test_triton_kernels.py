@@ -435,11 +435,23 @@ def test_split_k_partials_sum_to_the_projection(splits):
 
 
 def test_split_k_config_fills_the_grid():
-    assert choose_config(1024, 2048, 264) == SplitKConfig(32, 128, 8)
-    assert choose_config(1024, 3072, 264) == SplitKConfig(32, 128, 8)
-    assert choose_config(80, 320, 8) == SplitKConfig(32, 128, 3)  # the test shapes above
-    assert choose_config(4096, 1024, 264).splits == 2
-    assert choose_config(64, 64, 8).splits == 1
+    assert choose_config(1024, 2048, 1, 132) == SplitKConfig(16, 256, 4, 8)
+    assert choose_config(1024, 3072, 1, 132) == SplitKConfig(16, 256, 4, 8)
+    assert choose_config(1024, 2048, 4, 132) == SplitKConfig(32, 128, 4, 4)
+    # the test shapes above on the interpreter's 8 "multiprocessors"
+    assert choose_config(80, 320, 1, 8).splits == 2
+    assert choose_config(80, 320, 3, 8).splits == 3
+    assert choose_config(4096, 1024, 1, 132).splits == 1
+    assert choose_config(64, 64, 1, 8).splits == 1
+
+
+def test_split_k_one_split_in_the_model_dtype_is_a_projection():
+    x, weight = _randn(3, 320, dtype=torch.float16), _randn(80, 320, dtype=torch.float16)
+    y = split_k_partials(x, weight, out_dtype=torch.float16,
+                         config=SplitKConfig(block_n=32, block_k=128, splits=1))
+    assert y.shape == (1, 3, 80) and y.dtype == torch.float16
+    torch.testing.assert_close(y[0].float(), (x.float() @ weight.float().T),
+                               **TOL[torch.float16])
 
 
 def test_split_k_partials_rejects_wrong_shapes():

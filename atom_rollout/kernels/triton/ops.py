@@ -9,6 +9,7 @@ from ..interface import unfused_linear_add_rms_norm, unfused_prepare_qkv
 from ..metadata import AttentionMetadata
 
 INTERPRETER_TARGET_PROGRAMS = 4  # keeps split-KV exercised under TRITON_INTERPRET
+INTERPRETER_MULTIPROCESSORS = 8  # splits K of the tiny test models' projections
 
 
 class TritonOps:
@@ -25,10 +26,11 @@ class TritonOps:
         self._prepare_qkv = prepare_qkv
         self.fused_qkv = True  # False: q/k norm, rotary and the KV write as separate kernels
         # Rows up to which linear_add_rms_norm splits K in a Triton kernel (0: always
-        # cuBLAS + rms_norm); H100 sweep in scripts/bench_split_k.py.
+        # cuBLAS + rms_norm), and up to which it applies SiLU-and-mul as it reads
+        # (more rows: the silu_and_mul kernel first); H100 sweep, scripts/bench_split_k.py.
         self.split_k_max_rows = split_k_linear.MAX_ROWS
-        self.split_k_programs_per_sm = 2
-        self._target_programs: dict[torch.device, int] = {}
+        self.split_k_max_gated_rows = 1
+        self._multiprocessors: dict[torch.device, int] = {}
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -78,21 +80,27 @@ class TritonOps:
                 or weight.dtype != x.dtype or residual.dtype != x.dtype:
             return unfused_linear_add_rms_norm(self, x, weight, residual, norm_weight, eps,
                                                gated)
-        # _programs_to_fill is 4 per SM; at least 8 so that tiny test models split K too
-        programs = max(8, self._programs_to_fill(x.device) // 4 * self.split_k_programs_per_sm)
-        partials = self._split_k.split_k_partials(x, weight, gated=gated, programs=programs)
+        if gated and x.shape[0] > self.split_k_max_gated_rows:
+            x, gated = self.silu_and_mul(x), False
+        partials = self._split_k.split_k_partials(
+            x, weight, gated=gated, multiprocessors=self._multiprocessor_count(x.device))
         return self._pointwise.rms_norm_of_partials(partials, x.dtype, norm_weight, eps,
                                                     residual)
+
+    def _multiprocessor_count(self, device: torch.device) -> int:
+        if device not in self._multiprocessors:
+            self._multiprocessors[device] = (
+                torch.cuda.get_device_properties(device).multi_processor_count
+                if device.type == "cuda" else INTERPRETER_MULTIPROCESSORS)
+        return self._multiprocessors[device]
 
     def _programs_to_fill(self, device: torch.device) -> int:
         """About four programs per multiprocessor: with decode contexts of uneven
         length, fewer leave SMs idle behind the longest sequences (H100 sweep,
         scripts/bench_decode_attention.py: batch 16 at 100-2048 keys 46.6 -> 33.8 us)."""
-        if device not in self._target_programs:
-            self._target_programs[device] = (
-                4 * torch.cuda.get_device_properties(device).multi_processor_count
-                if device.type == "cuda" else INTERPRETER_TARGET_PROGRAMS)
-        return self._target_programs[device]
+        if device.type != "cuda":
+            return INTERPRETER_TARGET_PROGRAMS
+        return 4 * self._multiprocessor_count(device)
 
 
 def _next_pow2(n: int) -> int:

@@ -28,8 +28,16 @@ class SplitKConfig:
     num_warps: int = 4
 
 
-def choose_config(n_out: int, k: int, programs: int, block_n: int = 32, block_k: int = 128,
-                  num_warps: int = 4) -> SplitKConfig:
+def choose_config(n_out: int, k: int, rows: int, multiprocessors: int) -> SplitKConfig:
+    """One row: tiles of 16 x 256 and about two programs per SM; more rows (tl.dot):
+    32 x 128 and one per SM (H100 sweep, scripts/bench_split_k.py)."""
+    if rows == 1:
+        return config_for(n_out, k, 2 * multiprocessors, 16, 256, 8)
+    return config_for(n_out, k, multiprocessors, 32, 128, 4)
+
+
+def config_for(n_out: int, k: int, programs: int, block_n: int, block_k: int,
+               num_warps: int) -> SplitKConfig:
     """Column tiles of block_n and as many K splits (each a whole number of block_k
     columns) as bring the grid to about ``programs``."""
     tiles = triton.cdiv(n_out, block_n)
@@ -77,13 +85,16 @@ def _split_k_kernel(part_ptr, x_ptr, w_ptr, M, N, K, k_per_split, stride_x, stri
         else:
             acc += tl.dot(x.to(w.dtype), tl.trans(w), input_precision="ieee")
     out = part_ptr + split * M * N + rows[:, None] * N + n_idx[None, :]
-    tl.store(out, acc, mask=row_mask[:, None] & n_mask[None, :])
+    mask = row_mask[:, None] & n_mask[None, :]
+    tl.store(out, acc.to(part_ptr.dtype.element_ty), mask=mask)
 
 
 def split_k_partials(x: torch.Tensor, weight: torch.Tensor, *, gated: bool = False,
-                     config: SplitKConfig | None = None, programs: int = 264) -> torch.Tensor:
-    """float32 partials [splits, M, N] whose sum over splits is x @ weight.T, or
-    silu_and_mul(x) @ weight.T when ``gated``; x is [M <= MAX_ROWS, K] (gated: 2K)."""
+                     config: SplitKConfig | None = None, multiprocessors: int = 132,
+                     out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Partials [splits, M, N] whose sum over splits is x @ weight.T, or
+    silu_and_mul(x) @ weight.T when ``gated``; x is [M <= MAX_ROWS, K] (gated: 2K).
+    With one split and ``out_dtype`` the model dtype this is a plain projection."""
     rows, width = x.shape
     k = width // 2 if gated else width
     if rows > MAX_ROWS or weight.dim() != 2 or weight.shape[1] != k \
@@ -91,9 +102,9 @@ def split_k_partials(x: torch.Tensor, weight: torch.Tensor, *, gated: bool = Fal
         raise ValueError(f"split_k_partials: x {tuple(x.shape)} (gated={gated}) does not fit "
                          f"weight {tuple(weight.shape)} (at most {MAX_ROWS} rows)")
     n_out = weight.shape[0]
-    cfg = config or choose_config(n_out, k, programs)
+    cfg = config or choose_config(n_out, k, rows, multiprocessors)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    partials = torch.empty((cfg.splits, rows, n_out), dtype=torch.float32, device=x.device)
+    partials = torch.empty((cfg.splits, rows, n_out), dtype=out_dtype, device=x.device)
     if rows:
         k_per_split = triton.cdiv(triton.cdiv(k, cfg.splits), cfg.block_k) * cfg.block_k
         _split_k_kernel[(triton.cdiv(n_out, cfg.block_n), cfg.splits)](
