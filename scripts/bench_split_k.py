@@ -8,8 +8,8 @@ Part 1, per projection (Qwen3-0.6B's o_proj 2048 -> 1024 and gated down_proj
 call for cuBLAS (``unfused_linear_add_rms_norm``) and a sweep of split-K configs.
 Also ``TritonOps.linear_add_rms_norm`` itself (its shipped choice). Part 1b: one-row
 projections without a split (qkv_proj 1024 -> 4096, gate_up_proj 1024 -> 6144) in
-the same kernel against cuBLAS. Part 2: Qwen3-0.6B's batch-1 decode graph (forward + LM head, random weights) replayed
-back to back, and the engine's time per token, with the split-K path and without it
+the same kernel against cuBLAS. Part 2: Qwen3-0.6B's batch-1 decode graph (forward +
+LM head, random weights) replayed back to back, and the engine's time per token, with the split-K path and without it
 (the same engine, graphs recaptured, alternating). GPU only; JSON to $OUT/split_k.json.
 """
 from __future__ import annotations
