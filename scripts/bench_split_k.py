@@ -1,20 +1,23 @@
-"""Split-K projections with the reduction in the next RMSNorm, against cuBLAS + rms_norm.
+"""Few-row projections in our Triton kernel against cuBLAS, and PDL, for batch-1 decode.
 
-    python scripts/bench_split_k.py [--rows 1,4,16] [--skip-model]
+    python scripts/bench_split_k.py [--rows 1,4,16] [--sweep] [--models qwen3-0.6b,qwen3-8b]
 
 Part 1, per projection (Qwen3-0.6B's o_proj 2048 -> 1024 and gated down_proj
 2 x 3072 -> 1024, each followed by the residual add and RMSNorm): a CUDA graph holding
 28 of them with distinct weights (so weights stream from DRAM as in a model), time per
-call for cuBLAS (``unfused_linear_add_rms_norm``) and a sweep of split-K configs.
-Also ``TritonOps.linear_add_rms_norm`` itself (its shipped choice). Part 1b: one-row
-projections without a split (qkv_proj 1024 -> 4096, gate_up_proj 1024 -> 6144) in
-the same kernel against cuBLAS. Part 2: Qwen3-0.6B's batch-1 decode graph (forward +
-LM head, random weights) replayed back to back, and the engine's time per token, with the split-K path and without it
-(the same engine, graphs recaptured, alternating). GPU only; JSON to $OUT/split_k.json.
+call for cuBLAS (``unfused_linear_add_rms_norm``) and for ``TritonOps.
+linear_add_rms_norm`` (split K, the norm reduces); ``--sweep`` adds a grid of split-K
+configs. Part 1b: one-row projections without a split (qkv_proj 1024 -> 4096,
+gate_up_proj 1024 -> 6144), a grid of tiles against cuBLAS. Part 2: Qwen3-0.6B's
+batch-1 decode graph (forward + LM head, random weights) replayed back to back, and the
+engine's time per token, for cuBLAS / our kernels, each with and without programmatic
+dependent launch (the same engine, graphs recaptured, alternating). GPU only; JSON to
+$OUT/split_k.json.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import os
@@ -69,7 +72,7 @@ def sweep_configs(k: int, sms: int):
         yield config_for(HIDDEN, k, per_sm * sms, block_n, block_k, warps)
 
 
-def projection_rows(ops, rows_list: list[int]) -> list[dict]:
+def projection_rows(ops, rows_list: list[int], sweep: bool) -> list[dict]:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     out = []
     for (stage, (k, gated)), rows in itertools.product(STAGES.items(), rows_list):
@@ -77,13 +80,13 @@ def projection_rows(ops, rows_list: list[int]) -> list[dict]:
         row = {"stage": stage, "rows": rows, "cublas_us": chain_us(ops, inputs),
                "shipped_us": chain_us(ops, inputs, shipped=True)}
         timings = {}
-        for cfg in dict.fromkeys(sweep_configs(k, sms)):
+        for cfg in dict.fromkeys(sweep_configs(k, sms) if sweep else ()):
             timings[f"n{cfg.block_n}k{cfg.block_k}s{cfg.splits}w{cfg.num_warps}"] = \
                 chain_us(ops, inputs, cfg)
-        best = min(timings, key=timings.get)
-        row.update(best=best, best_us=timings[best], configs=timings)
+        best = min(timings, key=timings.get, default=None)
+        row.update(best=best, best_us=timings.get(best), configs=timings)
         print(f"{stage:9s} rows {rows:2d}: cuBLAS {row['cublas_us']:.2f} us, shipped "
-              f"{row['shipped_us']:.2f} us, split-K best {best} {row['best_us']:.2f} us",
+              f"{row['shipped_us']:.2f} us, split-K sweep best {best} {row['best_us']}",
               flush=True)
         out.append(row)
     return out
@@ -100,7 +103,7 @@ def wide_rows() -> list[dict]:
         row = {"stage": stage, "rows": 1, "cublas_us": graph_us(
             lambda: [torch.nn.functional.linear(x, w) for w in weights], 1, True) / LAYERS}
         timings = {}
-        for block_n, block_k, warps in itertools.product((8, 16, 32, 64), (128, 256, 512),
+        for block_n, block_k, warps in itertools.product((4, 8, 16), (256, 512, 1024),
                                                          (2, 4, 8)):
             cfg = SplitKConfig(block_n, block_k, 1, warps)
             timings[f"n{block_n}k{block_k}w{warps}"] = graph_us(
@@ -114,29 +117,37 @@ def wide_rows() -> list[dict]:
     return out
 
 
-def model_rows(repeats: int = 2) -> list[dict]:
+MODEL_SETTINGS = {  # TritonOps attributes per variant of the decode graph
+    "cublas": dict(split_k_max_rows=0, one_row_linear=False, pdl=False),
+    "cublas+pdl": dict(split_k_max_rows=0, one_row_linear=False, pdl=True),
+    "ours": dict(split_k_max_rows=16, one_row_linear=True, pdl=False),
+    "ours+pdl": dict(split_k_max_rows=16, one_row_linear=True, pdl=True),
+}
+
+
+def model_rows(model: str, repeats: int = 2) -> list[dict]:
     from atom_rollout import RolloutEngine
     from atom_rollout.bench.models import config_dir
     from bench_graph_replay import engine_us_per_token
     from bench_util import replay_us
-    engine = RolloutEngine(config_dir("qwen3-0.6b"), load_format="dummy", show_progress=False,
+    engine = RolloutEngine(config_dir(model), load_format="dummy", show_progress=False,
                            max_num_seqs=1, cuda_graph_max_batch=1, max_model_len=1024,
                            gpu_memory_utilization=0.5)
     graphs = engine.core.runner.graphs
     out = []
     for _ in range(repeats):
-        for max_rows in (0, 16):
-            graphs.ops.split_k_max_rows = max_rows
+        for name, settings in MODEL_SETTINGS.items():
+            for attr, value in settings.items():
+                setattr(graphs.ops, attr, value)
             graphs.graphs.clear()
             graphs.outputs.clear()
             graphs._pool = None  # a fresh pool: the old graphs' memory is still referenced
             graphs.capture()
-            row = {"split_k_max_rows": max_rows,
+            row = {"model": model, "variant": name, **settings,
                    "graph_replay_us": replay_us(graphs.graphs[1, 1, None]),
                    "engine_us_per_token": engine_us_per_token(engine)}
-            print(f"qwen3-0.6b batch 1, split_k_max_rows {max_rows:2d}: graph "
-                  f"{row['graph_replay_us']:.0f} us, engine {row['engine_us_per_token']:.0f} "
-                  f"us/token", flush=True)
+            print(f"{model} batch 1, {name:10s}: graph {row['graph_replay_us']:.0f} us, "
+                  f"engine {row['engine_us_per_token']:.0f} us/token", flush=True)
             out.append(row)
     return out
 
@@ -144,17 +155,22 @@ def model_rows(repeats: int = 2) -> list[dict]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1,4,16")
-    parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--models", default="qwen3-0.6b", help="'' skips part 2")
+    parser.add_argument("--sweep", action="store_true", help="time a grid of split-K configs")
     args = parser.parse_args(argv)
     from atom_rollout.kernels.triton import TritonOps
     report = {"device": torch.cuda.get_device_name(),
-              "projections": projection_rows(TritonOps(), [int(r) for r in args.rows.split(",")]),
+              "projections": projection_rows(TritonOps(), [int(r) for r in args.rows.split(",")],
+                                             args.sweep),
               "wide": wide_rows()}
     path = os.path.join(os.environ.get("OUT", "."), "split_k.json")
-    if not args.skip_model:
+    report["model"] = []
+    for model in filter(None, args.models.split(",")):
         with open(path, "w") as f:
             json.dump(report, f, indent=2)
-        report["model"] = model_rows()
+        report["model"] += model_rows(model)
+        gc.collect()
+        torch.cuda.empty_cache()
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
 

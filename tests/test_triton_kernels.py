@@ -423,6 +423,22 @@ def test_linear_add_rms_norm(ref, tri, dtype, rows, gated):
         torch.testing.assert_close(g.float(), e.float(), **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", ATTN_DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_one_row_linear(ref, tri, dtype, bias):
+    """One row and 160 outputs (>= two 8-column tiles per "SM" of the interpreter's 8):
+    the one-row kernel, K = 96 a partial block of it."""
+    x, weight = _randn(1, 96, dtype=dtype), (_randn(160, 96) * 0.1).to(dtype)
+    b = _randn(160, dtype=dtype) if bias else None
+    torch.testing.assert_close(tri.linear(x, weight, b).float(),
+                               ref.linear(x, weight, b).float(), **TOL[dtype])
+    tri.one_row_linear = False
+    try:
+        torch.testing.assert_close(tri.linear(x, weight, b), ref.linear(x, weight, b))
+    finally:
+        tri.one_row_linear = True
+
+
 @pytest.mark.parametrize("splits", [1, 2, 3, 5])
 def test_split_k_partials_sum_to_the_projection(splits):
     """Any split of K (5 splits of 3 blocks leave empty ones) sums to x @ W.T."""

@@ -48,6 +48,10 @@ class KernelOps(Protocol):
         slot_mapping (negative slots skipped). Returns the rotated (query, key);
         backends may overwrite query and key in place."""
 
+    def linear(self, x: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ weight.T + bias, as F.linear (a backend may pick its own kernel by shape)."""
+
     def linear_add_rms_norm(self, x: torch.Tensor, weight: torch.Tensor,
                             residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                             gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

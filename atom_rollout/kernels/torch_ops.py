@@ -52,6 +52,9 @@ class TorchOps:
         return unfused_prepare_qkv(self, query, key, value, q_weight, k_weight, eps,
                                    positions, cos_sin, k_cache, v_cache, slot_mapping)
 
+    def linear(self, x, weight, bias=None):
+        return F.linear(x, weight, bias)
+
     def linear_add_rms_norm(self, x, weight, residual, norm_weight, eps, gated=False):
         return unfused_linear_add_rms_norm(self, x, weight, residual, norm_weight, eps, gated)
 

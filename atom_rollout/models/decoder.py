@@ -80,7 +80,8 @@ class Attention(nn.Module):
                meta: AttentionMetadata) -> torch.Tensor:
         """The heads' outputs [T, q_size], before o_proj (the layer fuses o_proj with
         the residual add and the next RMSNorm)."""
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = ops.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
@@ -126,7 +127,7 @@ class DecoderLayer(nn.Module):
         post_norm = self.post_attention_layernorm
         x, residual = ops.linear_add_rms_norm(heads, attn.o_proj.weight, residual,
                                               post_norm.weight, post_norm.eps)
-        gate_up = self.mlp.gate_up_proj(x)
+        gate_up = ops.linear(x, self.mlp.gate_up_proj.weight)
         return ops.linear_add_rms_norm(gate_up, self.mlp.down_proj.weight, residual,
                                        next_norm.weight, next_norm.eps, gated=True)
 

@@ -22,8 +22,8 @@ ROCm/aiter e4048607, as called by ROCm/ATOM ffdf3bb5):
 - silu_and_mul  aiter.silu_and_mul(out, x).
 - prepare_qkv   the composition of rms_norm, rotary and write_kv above (no fused
                 AITER call), each with its own fallback.
-- linear_add_rms_norm  silu_and_mul (when gated), torch's linear (hipBLASLt), then
-                rms_norm above.
+- linear        torch's F.linear (hipBLASLt).
+- linear_add_rms_norm  silu_and_mul (when gated), F.linear, then rms_norm above.
 Unverified on AMD hardware: tests check argument mapping against a fake aiter.
 """
 from __future__ import annotations
@@ -127,6 +127,10 @@ class AiterOps:
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         return unfused_prepare_qkv(self, query, key, value, q_weight, k_weight, eps,
                                    positions, cos_sin, k_cache, v_cache, slot_mapping)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.nn.functional.linear(x, weight, bias)
 
     def linear_add_rms_norm(self, x: torch.Tensor, weight: torch.Tensor,
                             residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,

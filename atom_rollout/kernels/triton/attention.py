@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ..metadata import AttentionMetadata
+from .pdl import release_dependents, wait_for_inputs
 
 LOG2E = 1.4426950408889634
 DECODE_MAX_QUERY_LEN = 16  # batches up to this max_query_len use decode tiles
@@ -60,8 +61,10 @@ def _paged_attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DECODE: tl.constexpr, ORDERED: tl.constexpr,
+    DECODE: tl.constexpr, ORDERED: tl.constexpr, PDL: tl.constexpr,
 ):
+    release_dependents(PDL)
+    wait_for_inputs(PDL)
     if DECODE:  # grid (kv_heads * splits, sequence slots * q_blocks_per_seq)
         kv_head = tl.program_id(0) % (num_heads // GROUP)
         split = tl.program_id(0) // (num_heads // GROUP)
@@ -144,7 +147,9 @@ def _paged_attention_kernel(
 def _merge_splits_kernel(out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
                          num_heads, num_splits, stride_ot, stride_oh,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         SPLIT_PAD: tl.constexpr):
+                         SPLIT_PAD: tl.constexpr, PDL: tl.constexpr):
+    release_dependents(PDL)
+    wait_for_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLIT_PAD)
@@ -197,9 +202,10 @@ def choose_num_splits(meta: AttentionMetadata, config: TileConfig, kv_heads: int
 
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float, num_splits: int = 1,
-                    config: TileConfig | None = None) -> torch.Tensor:
+                    config: TileConfig | None = None, pdl: bool = False) -> torch.Tensor:
     """Causal paged attention; ``num_splits`` > 1 splits every tile's key range;
-    ``config`` overrides the tile shape chosen from the batch (for tuning)."""
+    ``config`` overrides the tile shape chosen from the batch (for tuning); ``pdl``:
+    its kernels launch as programmatic dependents (see pdl.py)."""
     num_tokens, num_heads, head_dim = query.shape
     kv_heads = k_cache.shape[2]
     _check_shapes(query, k_cache, v_cache, meta)
@@ -231,15 +237,15 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_Q=config.block_q, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        PAGE=k_cache.shape[1], SPLIT=split, DECODE=decode, ORDERED=ordered,
+        PAGE=k_cache.shape[1], SPLIT=split, DECODE=decode, ORDERED=ordered, PDL=pdl,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl)
     if split:
         _merge_splits_kernel[(num_tokens, num_heads)](
             out, part_acc, part_m, part_l, num_heads, num_splits,
             out.stride(0), out.stride(1), HEAD_DIM=head_dim,
             BLOCK_D=triton.next_power_of_2(head_dim),
-            SPLIT_PAD=triton.next_power_of_2(num_splits))
+            SPLIT_PAD=triton.next_power_of_2(num_splits), PDL=pdl, launch_pdl=pdl)
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from ..interface import unfused_linear_add_rms_norm, unfused_prepare_qkv
 from ..metadata import AttentionMetadata
@@ -18,7 +19,8 @@ class TritonOps:
     def __init__(self) -> None:
         # Imported here, not at module import, so that @triton.jit runs when the
         # first TritonOps is built: TRITON_INTERPRET set by then still applies.
-        from . import attention, kv_cache, pointwise, prepare_qkv, split_k_linear
+        from . import attention, kv_cache, pdl, pointwise, prepare_qkv, split_k_linear
+        self._pdl_supported = pdl.supported
         self._split_k = split_k_linear
         self._attention = attention
         self._kv_cache = kv_cache
@@ -30,7 +32,12 @@ class TritonOps:
         # (more rows: the silu_and_mul kernel first); H100 sweep, scripts/bench_split_k.py.
         self.split_k_max_rows = split_k_linear.MAX_ROWS
         self.split_k_max_gated_rows = 1
+        self.one_row_linear = True  # False: every linear() is cuBLAS
+        # Launch the decode chain's kernels as programmatic dependents (kernels/triton/
+        # pdl.py) on GPUs that have it; False: ordinary launches.
+        self.pdl = True
         self._multiprocessors: dict[torch.device, int] = {}
+        self._pdl_devices: dict[torch.device, bool] = {}
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -42,11 +49,12 @@ class TritonOps:
             meta.max_query_len, _next_pow2(query.shape[1] // max(1, k_cache.shape[2])))
         splits = self._attention.choose_num_splits(
             meta, config, k_cache.shape[2], self._programs_to_fill(query.device))
-        return self._attention.paged_attention(query, k_cache, v_cache, meta, scale, splits)
+        return self._attention.paged_attention(query, k_cache, v_cache, meta, scale, splits,
+                                               pdl=self._use_pdl(query.device))
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None = None):
-        return self._pointwise.rms_norm(x, weight, eps, residual)
+        return self._pointwise.rms_norm(x, weight, eps, residual, pdl=self._use_pdl(x.device))
 
     def rotary(self, query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor,
                cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +72,7 @@ class TritonOps:
                 v_cache, slot_mapping)
         if self.fused_qkv:
             try:
-                return self._prepare_qkv.prepare_qkv(*args)
+                return self._prepare_qkv.prepare_qkv(*args, pdl=self._use_pdl(query.device))
             except ValueError:
                 raise
             except Exception as error:  # a Triton build the fused kernel does not compile on
@@ -72,6 +80,18 @@ class TritonOps:
                               f"+ write_kv: {type(error).__name__}: {str(error)[:200]}")
                 self.fused_qkv = False
         return unfused_prepare_qkv(self, *args)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        """One row whose output fills two programs per SM unsplit: our one-row kernel
+        (faster than cuBLAS's GEMV there); anything else: F.linear."""
+        unsplit = self._split_k.ONE_ROW_UNSPLIT
+        if x.dim() != 2 or x.shape[0] != 1 or not self.one_row_linear \
+                or weight.shape[0] < 2 * unsplit.block_n * self._multiprocessor_count(x.device) \
+                or weight.stride(-1) != 1 or weight.dtype != x.dtype \
+                or (bias is not None and bias.dtype != x.dtype):
+            return F.linear(x, weight, bias)
+        return self._split_k.one_row_linear(x, weight, bias, pdl=self._use_pdl(x.device))
 
     def linear_add_rms_norm(self, x: torch.Tensor, weight: torch.Tensor,
                             residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
@@ -82,10 +102,19 @@ class TritonOps:
                                                gated)
         if gated and x.shape[0] > self.split_k_max_gated_rows:
             x, gated = self.silu_and_mul(x), False
+        pdl = self._use_pdl(x.device)
         partials = self._split_k.split_k_partials(
-            x, weight, gated=gated, multiprocessors=self._multiprocessor_count(x.device))
+            x, weight, gated=gated, multiprocessors=self._multiprocessor_count(x.device),
+            pdl=pdl)
         return self._pointwise.rms_norm_of_partials(partials, x.dtype, norm_weight, eps,
-                                                    residual)
+                                                    residual, pdl=pdl)
+
+    def _use_pdl(self, device: torch.device) -> bool:
+        if not self.pdl:
+            return False
+        if device not in self._pdl_devices:
+            self._pdl_devices[device] = self._pdl_supported(device)
+        return self._pdl_devices[device]
 
     def _multiprocessor_count(self, device: torch.device) -> int:
         if device not in self._multiprocessors:

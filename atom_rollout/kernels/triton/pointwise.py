@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import release_dependents, wait_for_inputs
+
 
 @triton.jit
 def _row_input(x_ptr, row, cols, mask, stride_x, split_stride, dtype: tl.constexpr,
@@ -25,10 +27,13 @@ def _row_input(x_ptr, row, cols, mask, stride_x, split_stride, dtype: tl.constex
 @triton.jit
 def _rms_norm_kernel(out_ptr, sum_ptr, x_ptr, res_ptr, w_ptr, n_cols, eps,
                      stride_x, stride_r, stride_o, stride_s, split_stride,
-                     HAS_RESIDUAL: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
+    release_dependents(PDL)  # the next projection may start loading its weights
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    wait_for_inputs(PDL)
     x = _row_input(x_ptr, row, cols, mask, stride_x, split_stride, sum_ptr.dtype.element_ty,
                    SPLITS)
     if HAS_RESIDUAL:
@@ -44,16 +49,18 @@ def _rms_norm_kernel(out_ptr, sum_ptr, x_ptr, res_ptr, w_ptr, n_cols, eps,
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None):
-    """Same contract as TorchOps.rms_norm; outputs are new tensors."""
+             residual: torch.Tensor | None = None, pdl: bool = False):
+    """Same contract as TorchOps.rms_norm; outputs are new tensors. ``pdl``: launched as
+    a programmatic dependent of the kernel before (see pdl.py)."""
     _check_norm_args(x.shape, weight, residual)
     x2 = _rows(x)
     sum_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    return _launch_rms_norm(x2, 0, x.shape, sum_dtype, weight, eps, residual)
+    return _launch_rms_norm(x2, 0, x.shape, sum_dtype, weight, eps, residual, pdl)
 
 
 def rms_norm_of_partials(partials: torch.Tensor, dtype: torch.dtype, weight: torch.Tensor,
-                         eps: float, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                         eps: float, residual: torch.Tensor,
+                         pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """rms_norm(x, weight, eps, residual) where x, of ``dtype``, is the sum of the float32
     partials [splits, *residual.shape] (added in split order, then rounded to dtype)."""
     _check_norm_args(partials.shape[1:], weight, residual)
@@ -61,7 +68,8 @@ def rms_norm_of_partials(partials: torch.Tensor, dtype: torch.dtype, weight: tor
         raise ValueError(f"rms_norm_of_partials: residual dtype {residual.dtype} must be "
                          f"{dtype} and the partials contiguous")
     x2 = partials.view(partials.shape[0], -1, partials.shape[-1])
-    return _launch_rms_norm(x2, partials.shape[0], residual.shape, dtype, weight, eps, residual)
+    return _launch_rms_norm(x2, partials.shape[0], residual.shape, dtype, weight, eps, residual,
+                            pdl)
 
 
 def _check_norm_args(shape, weight: torch.Tensor, residual: torch.Tensor | None) -> None:
@@ -74,7 +82,8 @@ def _check_norm_args(shape, weight: torch.Tensor, residual: torch.Tensor | None)
 
 
 def _launch_rms_norm(x2: torch.Tensor, splits: int, shape, sum_dtype: torch.dtype,
-                     weight: torch.Tensor, eps: float, residual: torch.Tensor | None):
+                     weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
+                     pdl: bool):
     """x2 is [rows, n] (splits == 0) or float32 partials [splits, rows, n]."""
     n_cols = shape[-1]
     device = x2.device
@@ -89,8 +98,8 @@ def _launch_rms_norm(x2: torch.Tensor, splits: int, shape, sum_dtype: torch.dtyp
             out2, total2, x2, res2, weight.contiguous(), n_cols, eps,
             x2.stride(-2), res2.stride(0), out2.stride(0), total2.stride(0),
             x2.stride(0) if splits else 0,
-            HAS_RESIDUAL=residual is not None, SPLITS=splits, BLOCK=block,
-            num_warps=_row_warps(block))
+            HAS_RESIDUAL=residual is not None, SPLITS=splits, BLOCK=block, PDL=pdl,
+            num_warps=_row_warps(block), launch_pdl=pdl)
     return out if residual is None else (out, total)
 
 

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ..interface import check_qk_weights
+from .pdl import release_dependents, wait_for_inputs
 from .pointwise import _cos_sin, _row_warps
 
 
@@ -68,7 +69,9 @@ def _prepare_qkv_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, q_w_ptr, k_w_
                         stride_oqt, stride_oqh, stride_okt, stride_okh, stride_cs,
                         stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                         HAS_NORM: tl.constexpr, HALF: tl.constexpr,
-                        BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr):
+                        BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    release_dependents(PDL)
+    wait_for_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     cos, sin, halves, half_mask = _cos_sin(cos_sin_ptr, pos_ptr, token, stride_cs, HALF,
@@ -101,9 +104,9 @@ def _prepare_qkv_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, q_w_ptr, k_w_
 def prepare_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
                 positions: torch.Tensor, cos_sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                v_cache: torch.Tensor, slot_mapping: torch.Tensor, pdl: bool = False,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """KernelOps.prepare_qkv in one launch. Query and key are overwritten in
+    """KernelOps.prepare_qkv in one launch (``pdl``: see pdl.py). Query and key are overwritten in
     place when the result keeps their dtype (as rotary does); with norm weights
     of a wider dtype the results are new tensors of the promoted dtype."""
     _check_shapes(query, key, value, q_weight, k_weight, cos_sin, k_cache, v_cache,
@@ -128,8 +131,8 @@ def prepare_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         HAS_NORM=has_norm, HALF=head_dim // 2,
-        BLOCK_HALF=triton.next_power_of_2(head_dim // 2), BLOCK_D=block_d,
-        num_warps=_row_warps(block_d))  # rms_norm's warps: its reduction order
+        BLOCK_HALF=triton.next_power_of_2(head_dim // 2), BLOCK_D=block_d, PDL=pdl,
+        num_warps=_row_warps(block_d), launch_pdl=pdl)  # rms_norm's warps: its reduction order
     return q_out, k_out
 
 

@@ -5,9 +5,11 @@ At batch 1-16 a projection streams its weight once; with an output of 1,024 colu
 (o_proj, down_proj) a program per column tile gives too few programs to keep the
 memory system busy, so cuBLAS splits K and runs a second kernel to reduce. Here the
 reduction costs no launch: ``rms_norm`` reads the partials in place of its input
-(``pointwise.rms_norm(..., partials=...)``), in a fixed order, so results do not
-depend on timing. Optionally SiLU-and-mul is applied to the input as it is read
-(down_proj's input is the gate/up projection), rounded as ``silu_and_mul`` rounds.
+(``pointwise.rms_norm_of_partials``), in a fixed order, so results do not depend on
+timing. Optionally SiLU-and-mul is applied to the input as it is read (down_proj's
+input is the gate/up projection), rounded as ``silu_and_mul`` rounds. The same kernel
+with one split, writing the model dtype, is the one-row projection for wide outputs
+(``one_row_linear``), where cuBLAS's GEMV is slower too.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from .pdl import release_dependents, wait_for_inputs
 
 MAX_ROWS = 16  # rows per launch; more rows go to the GEMM path
 
@@ -26,6 +30,10 @@ class SplitKConfig:
     block_k: int
     splits: int
     num_warps: int = 4
+
+
+# one row, outputs of 4,096-6,144 columns (H100 sweep, scripts/bench_split_k.py)
+ONE_ROW_UNSPLIT = SplitKConfig(block_n=8, block_k=512, splits=1, num_warps=4)
 
 
 def choose_config(n_out: int, k: int, rows: int, multiprocessors: int) -> SplitKConfig:
@@ -63,42 +71,67 @@ def _input_tile(x_ptr, rows, cols, mask, stride_x, K, GATED: tl.constexpr):
 
 
 @triton.jit
-def _split_k_kernel(part_ptr, x_ptr, w_ptr, M, N, K, k_per_split, stride_x, stride_w,
-                    GATED: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+def _accumulate(acc, x, w, ROWS: tl.constexpr):
+    """acc + x @ w.T; one row is a broadcast multiply and sum (no MMA padding)."""
+    if ROWS == 1:
+        return acc + tl.sum(x.to(tl.float32) * w.to(tl.float32), 1)[None, :]
+    return acc + tl.dot(x.to(w.dtype), tl.trans(w), input_precision="ieee")
+
+
+@triton.jit
+def _split_k_kernel(part_ptr, x_ptr, w_ptr, b_ptr, M, N, K, k_per_split, stride_x, stride_w,
+                    GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     tile, split = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, ROWS)
     row_mask = rows < M
     n_idx = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n_idx < N
     w_rows = w_ptr + n_idx.to(tl.int64)[:, None] * stride_w
-    acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
     k_start = split * k_per_split
-    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+    # the first weight tile needs nothing from the kernel before: load it, then wait
+    cols = k_start + tl.arange(0, BLOCK_K)
+    k_mask = cols < K
+    w = tl.load(w_rows + cols[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+    wait_for_inputs(PDL)
+    x = _input_tile(x_ptr, rows, cols, row_mask[:, None] & k_mask[None, :], stride_x, K, GATED)
+    acc = _accumulate(tl.zeros([ROWS, BLOCK_N], tl.float32), x, w, ROWS)
+    for k0 in range(k_start + BLOCK_K, k_start + k_per_split, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         k_mask = cols < K
         x = _input_tile(x_ptr, rows, cols, row_mask[:, None] & k_mask[None, :], stride_x, K,
                         GATED)
         w = tl.load(w_rows + cols[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        if ROWS == 1:  # a broadcast multiply and sum: no MMA padding for one row
-            acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), 1)[None, :]
-        else:
-            acc += tl.dot(x.to(w.dtype), tl.trans(w), input_precision="ieee")
+        acc = _accumulate(acc, x, w, ROWS)
+    release_dependents(PDL)
+    if HAS_BIAS:  # once, in the first split's partial
+        bias = tl.load(b_ptr + n_idx, mask=n_mask, other=0.0).to(tl.float32)
+        acc += tl.where(split == 0, bias, 0.0)[None, :]
     out = part_ptr + split * M * N + rows[:, None] * N + n_idx[None, :]
     mask = row_mask[:, None] & n_mask[None, :]
     tl.store(out, acc.to(part_ptr.dtype.element_ty), mask=mask)
 
 
+def one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   pdl: bool = False) -> torch.Tensor:
+    """x @ weight.T + bias for x [1, K] with outputs wide enough to fill the GPU
+    unsplit (qkv_proj, gate_up_proj): one split, in x's dtype."""
+    return split_k_partials(x, weight, bias=bias, config=ONE_ROW_UNSPLIT,
+                            out_dtype=x.dtype, pdl=pdl)[0]
+
+
 def split_k_partials(x: torch.Tensor, weight: torch.Tensor, *, gated: bool = False,
-                     config: SplitKConfig | None = None, multiprocessors: int = 132,
-                     out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Partials [splits, M, N] whose sum over splits is x @ weight.T, or
+                     bias: torch.Tensor | None = None, config: SplitKConfig | None = None,
+                     multiprocessors: int = 132, out_dtype: torch.dtype = torch.float32,
+                     pdl: bool = False) -> torch.Tensor:
+    """Partials [splits, M, N] whose sum over splits is x @ weight.T (+ bias), or
     silu_and_mul(x) @ weight.T when ``gated``; x is [M <= MAX_ROWS, K] (gated: 2K).
-    With one split and ``out_dtype`` the model dtype this is a plain projection."""
+    With one split and ``out_dtype`` the model dtype this is a plain projection.
+    ``pdl``: launched as a programmatic dependent of the kernel before (see pdl.py)."""
     rows, width = x.shape
     k = width // 2 if gated else width
     if rows > MAX_ROWS or weight.dim() != 2 or weight.shape[1] != k \
-            or (gated and width % 2):
+            or (gated and width % 2) or (bias is not None and bias.shape != weight.shape[:1]):
         raise ValueError(f"split_k_partials: x {tuple(x.shape)} (gated={gated}) does not fit "
                          f"weight {tuple(weight.shape)} (at most {MAX_ROWS} rows)")
     n_out = weight.shape[0]
@@ -108,7 +141,8 @@ def split_k_partials(x: torch.Tensor, weight: torch.Tensor, *, gated: bool = Fal
     if rows:
         k_per_split = triton.cdiv(triton.cdiv(k, cfg.splits), cfg.block_k) * cfg.block_k
         _split_k_kernel[(triton.cdiv(n_out, cfg.block_n), cfg.splits)](
-            partials, x, weight, rows, n_out, k, k_per_split, x.stride(0), weight.stride(0),
-            GATED=gated, ROWS=1 if rows == 1 else 16, BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
+            partials, x, weight, weight if bias is None else bias, rows, n_out, k, k_per_split,
+            x.stride(0), weight.stride(0), GATED=gated, HAS_BIAS=bias is not None,
+            ROWS=1 if rows == 1 else 16, BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, PDL=pdl, num_warps=cfg.num_warps, launch_pdl=pdl)
     return partials

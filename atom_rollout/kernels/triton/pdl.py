@@ -1,0 +1,30 @@
+"""Programmatic dependent launch (PDL, Hopper and newer) for the decode chain.
+
+A kernel launched with ``launch_pdl=True`` may start while the kernel before it still
+runs: it does what needs no input of that kernel (a projection loads its first weight
+tile), then ``wait_for_inputs`` blocks until the previous kernel has finished and its
+writes are visible. ``release_dependents`` lets the next kernel start. Every PDL kernel
+waits before it writes anything or reads another kernel's output, so completion stays
+ordered along the stream (each kernel finishes only after the one before it has).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def wait_for_inputs(PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def release_dependents(PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+def supported(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
