@@ -122,31 +122,39 @@ MODEL_SETTINGS = {  # TritonOps attributes per variant of the decode graph
     "cublas+pdl": dict(split_k_max_rows=0, one_row_linear=False, pdl=True),
     "ours": dict(split_k_max_rows=16, one_row_linear=True, pdl=False),
     "ours+pdl": dict(split_k_max_rows=16, one_row_linear=True, pdl=True),
+    "ours+pdl,4splits": dict(split_k_max_rows=16, one_row_linear=True, pdl=True,
+                             max_attention_splits=4),
+    "ours+pdl,8splits": dict(split_k_max_rows=16, one_row_linear=True, pdl=True,
+                             max_attention_splits=8),
 }
+DEFAULT_SETTINGS = dict(split_k_max_rows=16, one_row_linear=True, pdl=True, max_attention_splits=32)
 
 
-def model_rows(model: str, repeats: int = 2) -> list[dict]:
+def model_rows(model: str, max_model_len: int, variants: list[str],
+               repeats: int = 2) -> list[dict]:
     from atom_rollout import RolloutEngine
     from atom_rollout.bench.models import config_dir
     from bench_graph_replay import engine_us_per_token
     from bench_util import replay_us
     engine = RolloutEngine(config_dir(model), load_format="dummy", show_progress=False,
-                           max_num_seqs=1, cuda_graph_max_batch=1, max_model_len=1024,
+                           max_num_seqs=1, cuda_graph_max_batch=1, max_model_len=max_model_len,
                            gpu_memory_utilization=0.5)
     graphs = engine.core.runner.graphs
     out = []
     for _ in range(repeats):
-        for name, settings in MODEL_SETTINGS.items():
+        for name in variants:
+            settings = {**DEFAULT_SETTINGS, **MODEL_SETTINGS[name]}
             for attr, value in settings.items():
                 setattr(graphs.ops, attr, value)
             graphs.graphs.clear()
             graphs.outputs.clear()
             graphs._pool = None  # a fresh pool: the old graphs' memory is still referenced
             graphs.capture()
-            row = {"model": model, "variant": name, **settings,
+            row = {"model": model, "max_model_len": max_model_len, "variant": name,
+                   **settings,
                    "graph_replay_us": replay_us(graphs.graphs[1, 1, None]),
                    "engine_us_per_token": engine_us_per_token(engine)}
-            print(f"{model} batch 1, {name:10s}: graph {row['graph_replay_us']:.0f} us, "
+            print(f"{model} (max_model_len {max_model_len}) batch 1, {name:16s}: graph {row['graph_replay_us']:.0f} us, "
                   f"engine {row['engine_us_per_token']:.0f} us/token", flush=True)
             out.append(row)
     return out
@@ -156,6 +164,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1,4,16")
     parser.add_argument("--models", default="qwen3-0.6b", help="'' skips part 2")
+    parser.add_argument("--max-model-lens", default="1024")
+    parser.add_argument("--variants", default=",".join(MODEL_SETTINGS))
     parser.add_argument("--sweep", action="store_true", help="time a grid of split-K configs")
     args = parser.parse_args(argv)
     from atom_rollout.kernels.triton import TritonOps
@@ -165,10 +175,11 @@ def main(argv=None) -> None:
               "wide": wide_rows()}
     path = os.path.join(os.environ.get("OUT", "."), "split_k.json")
     report["model"] = []
-    for model in filter(None, args.models.split(",")):
+    for model, length in itertools.product(filter(None, args.models.split(",")),
+                                           args.max_model_lens.split(",")):
         with open(path, "w") as f:
             json.dump(report, f, indent=2)
-        report["model"] += model_rows(model)
+        report["model"] += model_rows(model, int(length), args.variants.split(","))
         gc.collect()
         torch.cuda.empty_cache()
     with open(path, "w") as f:

@@ -161,8 +161,8 @@ def _merge_splits_kernel(out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     weight = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))
     denom = tl.sum(weight * l, 0)
     dims = tl.arange(0, BLOCK_D)
-    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :],
-                  mask=split_valid[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
+    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :],  # splits with keys
+                  mask=(weight > 0.0)[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
     out = tl.sum(acc * weight[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
     tl.store(out_ptr + token * stride_ot + head * stride_oh + dims,
              out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
@@ -187,7 +187,7 @@ def tile_config(max_query_len: int, group_pad: int) -> TileConfig:
 
 
 def choose_num_splits(meta: AttentionMetadata, config: TileConfig, kv_heads: int,
-                      target_programs: int) -> int:
+                      target_programs: int, max_splits: int = MAX_SPLITS) -> int:
     """Split the key range only when the unsplit grid would leave the GPU idle
     and every split still gets a useful number of keys; powers of two keep the
     number of compiled merge kernels small."""
@@ -196,7 +196,7 @@ def choose_num_splits(meta: AttentionMetadata, config: TileConfig, kv_heads: int
     q_blocks = meta.num_seqs * triton.cdiv(meta.max_query_len, config.block_q)
     wanted = triton.cdiv(target_programs, max(1, q_blocks * kv_heads))
     by_length = triton.cdiv(meta.max_context_len, MIN_KEYS_PER_SPLIT)
-    splits = max(1, min(wanted, by_length, MAX_SPLITS))
+    splits = max(1, min(wanted, by_length, max_splits))
     return 1 << (splits.bit_length() - 1)
 
 

@@ -33,9 +33,13 @@ class TritonOps:
         self.split_k_max_rows = split_k_linear.MAX_ROWS
         self.split_k_max_gated_rows = 1
         self.one_row_linear = True  # False: every linear() is cuBLAS
+        # Both apply to weights up to this size: larger ones stream long enough for
+        # cuBLAS to reach bandwidth (Qwen3-8B's layers lost ~3% with ours).
+        self.few_rows_max_weight_bytes = 16 << 20
         # Launch the decode chain's kernels as programmatic dependents (kernels/triton/
         # pdl.py) on GPUs that have it; False: ordinary launches.
         self.pdl = True
+        self.max_attention_splits = attention.MAX_SPLITS
         self._multiprocessors: dict[torch.device, int] = {}
         self._pdl_devices: dict[torch.device, bool] = {}
 
@@ -48,7 +52,8 @@ class TritonOps:
         config = self._attention.tile_config(
             meta.max_query_len, _next_pow2(query.shape[1] // max(1, k_cache.shape[2])))
         splits = self._attention.choose_num_splits(
-            meta, config, k_cache.shape[2], self._programs_to_fill(query.device))
+            meta, config, k_cache.shape[2], self._programs_to_fill(query.device),
+            self.max_attention_splits)
         return self._attention.paged_attention(query, k_cache, v_cache, meta, scale, splits,
                                                pdl=self._use_pdl(query.device))
 
@@ -88,7 +93,7 @@ class TritonOps:
         unsplit = self._split_k.ONE_ROW_UNSPLIT
         if x.dim() != 2 or x.shape[0] != 1 or not self.one_row_linear \
                 or weight.shape[0] < 2 * unsplit.block_n * self._multiprocessor_count(x.device) \
-                or weight.stride(-1) != 1 or weight.dtype != x.dtype \
+                or not self._few_rows_weight(weight, x) \
                 or (bias is not None and bias.dtype != x.dtype):
             return F.linear(x, weight, bias)
         return self._split_k.one_row_linear(x, weight, bias, pdl=self._use_pdl(x.device))
@@ -96,8 +101,8 @@ class TritonOps:
     def linear_add_rms_norm(self, x: torch.Tensor, weight: torch.Tensor,
                             residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                             gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.shape[0] > self.split_k_max_rows or x.dim() != 2 or weight.stride(-1) != 1 \
-                or weight.dtype != x.dtype or residual.dtype != x.dtype:
+        if x.shape[0] > self.split_k_max_rows or x.dim() != 2 \
+                or not self._few_rows_weight(weight, x) or residual.dtype != x.dtype:
             return unfused_linear_add_rms_norm(self, x, weight, residual, norm_weight, eps,
                                                gated)
         if gated and x.shape[0] > self.split_k_max_gated_rows:
@@ -108,6 +113,11 @@ class TritonOps:
             pdl=pdl)
         return self._pointwise.rms_norm_of_partials(partials, x.dtype, norm_weight, eps,
                                                     residual, pdl=pdl)
+
+    def _few_rows_weight(self, weight: torch.Tensor, x: torch.Tensor) -> bool:
+        """A weight our few-row kernels take: contiguous rows, x's dtype, small enough."""
+        return weight.stride(-1) == 1 and weight.dtype == x.dtype \
+            and weight.numel() * weight.element_size() <= self.few_rows_max_weight_bytes
 
     def _use_pdl(self, device: torch.device) -> bool:
         if not self.pdl:
