@@ -122,9 +122,9 @@ MODEL_SETTINGS = {  # TritonOps attributes per variant of the decode graph
     "cublas+pdl": dict(split_k_max_rows=0, one_row_linear=False, pdl=True),
     "ours": dict(split_k_max_rows=16, one_row_linear=True, pdl=False),
     "ours+pdl": dict(split_k_max_rows=16, one_row_linear=True, pdl=True),
-    "ours+pdl,4splits": dict(split_k_max_rows=16, one_row_linear=True, pdl=True,
+    "ours+pdl/4splits": dict(split_k_max_rows=16, one_row_linear=True, pdl=True,
                              max_attention_splits=4),
-    "ours+pdl,8splits": dict(split_k_max_rows=16, one_row_linear=True, pdl=True,
+    "ours+pdl/8splits": dict(split_k_max_rows=16, one_row_linear=True, pdl=True,
                              max_attention_splits=8),
 }
 DEFAULT_SETTINGS = dict(split_k_max_rows=16, one_row_linear=True, pdl=True, max_attention_splits=32)
