@@ -126,6 +126,23 @@ def test_attention_split_kv(ref, batch, num_splits):
     check_attention(ref, out, *inputs)
 
 
+@pytest.mark.parametrize("batch", ["decode", "mixed"])
+def test_attention_reads_no_split_past_the_keys(ref, monkeypatch, batch):
+    """A graph's grid has splits for its longest context; with shorter contexts the
+    splits past the keys write nothing, and the merge must not read them: split
+    buffers start as NaN (and the split counts huge) so any stray read shows."""
+    import atom_rollout.kernels.triton.attention as attention_module
+    real = attention_module._split_buffers
+
+    def poisoned(query, num_splits):
+        *floats, counts = real(query, num_splits)
+        return (*(t.fill_(float("nan")) for t in floats), counts.fill_(1 << 20))
+    monkeypatch.setattr(attention_module, "_split_buffers", poisoned)
+    inputs = attention_inputs(*BATCHES[batch], 4, 2, 64, 16, torch.float32)
+    out = paged_attention(*inputs, scale=64 ** -0.5, num_splits=32)
+    check_attention(ref, out, *inputs)
+
+
 @pytest.mark.parametrize("query_len", [1, 3])
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_attention_decode_longest_first(ref, query_len, num_splits):

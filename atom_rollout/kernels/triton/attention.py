@@ -51,7 +51,7 @@ def _find_seq(query_start_loc, q_block_id, num_seqs, BLOCK_Q: tl.constexpr):
 # start-up warm-up (one prompt, a 3-block table) never meets.
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _paged_attention_kernel(
-    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, part_n_ptr,
     q_ptr, k_cache_ptr, v_cache_ptr,
     query_start_loc, context_lens, block_tables, seq_order,
     num_seqs, num_heads, num_splits, q_blocks_per_seq, scale_log2,
@@ -85,6 +85,20 @@ def _paged_attention_kernel(
         return
     ctx_len = tl.load(context_lens + seq)
 
+    # keys this tile can see end at the causal position of its last query
+    last_q = tl.minimum(q_block * BLOCK_Q + BLOCK_Q, q_len) - 1
+    kv_end = ctx_len - q_len + last_q + 1
+    kv_lo = 0
+    kv_hi = kv_end
+    if SPLIT:
+        chunk = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
+        kv_lo = split * chunk
+        # a split past the keys does nothing: the merge reads the first
+        # cdiv(kv_end, chunk) splits only (a graph's grid is sized for its longest context)
+        if (split > 0) & (kv_lo >= kv_end):
+            return
+        kv_hi = tl.minimum(kv_lo + chunk, kv_end)
+
     rows = tl.arange(0, BLOCK_M)
     q_idx = q_block * BLOCK_Q + rows // GROUP_PAD
     head = kv_head * GROUP + rows % GROUP_PAD
@@ -96,14 +110,6 @@ def _paged_attention_kernel(
     q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
                 mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
 
-    # keys this tile can see end at the causal position of its last query
-    last_q = tl.minimum(q_block * BLOCK_Q + BLOCK_Q, q_len) - 1
-    kv_hi = ctx_len - q_len + last_q + 1
-    kv_lo = 0
-    if SPLIT:
-        chunk = tl.cdiv(tl.cdiv(kv_hi, num_splits), BLOCK_N) * BLOCK_N
-        kv_lo = split * chunk
-        kv_hi = tl.minimum(kv_lo + chunk, kv_hi)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -137,6 +143,9 @@ def _paged_attention_kernel(
         tl.store(part_m_ptr + part, m_i, mask=row_valid)
         tl.store(part_l_ptr + part, l_i, mask=row_valid)
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=store_mask)
+        if split == 0:
+            tl.store(part_n_ptr + token * num_heads + head, tl.cdiv(kv_end, chunk),
+                     mask=row_valid)
     else:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
@@ -144,7 +153,7 @@ def _paged_attention_kernel(
 
 
 @triton.jit
-def _merge_splits_kernel(out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+def _merge_splits_kernel(out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, part_n_ptr,
                          num_heads, num_splits, stride_ot, stride_oh,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          SPLIT_PAD: tl.constexpr, PDL: tl.constexpr):
@@ -153,7 +162,7 @@ def _merge_splits_kernel(out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLIT_PAD)
-    split_valid = splits < num_splits
+    split_valid = splits < tl.load(part_n_ptr + token * num_heads + head)  # splits with keys
     part = (token * num_heads + head) * num_splits + splits
     m = tl.load(part_m_ptr + part, mask=split_valid, other=float("-inf"))
     l = tl.load(part_l_ptr + part, mask=split_valid, other=0.0)
@@ -161,8 +170,8 @@ def _merge_splits_kernel(out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     weight = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))
     denom = tl.sum(weight * l, 0)
     dims = tl.arange(0, BLOCK_D)
-    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :],  # splits with keys
-                  mask=(weight > 0.0)[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
+    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :],
+                  mask=split_valid[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
     out = tl.sum(acc * weight[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
     tl.store(out_ptr + token * stride_ot + head * stride_oh + dims,
              out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
@@ -219,7 +228,8 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     config = config or tile_config(meta.max_query_len, group_pad)
     decode = meta.max_query_len <= DECODE_MAX_QUERY_LEN
     split = num_splits > 1
-    part_acc, part_m, part_l = _split_buffers(query, num_splits) if split else (out, out, out)
+    part_acc, part_m, part_l, part_n = (_split_buffers(query, num_splits) if split
+                                        else (out, out, out, out))
     # 1 where unused: Triton specialises integer arguments by value class, so a varying
     # unused one would compile prefill variants for nothing
     q_blocks_per_seq = triton.cdiv(meta.max_query_len, config.block_q) if decode else 1
@@ -227,7 +237,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
             else (num_tokens // config.block_q + meta.num_seqs, kv_heads, num_splits))
     ordered = decode and meta.num_seqs >= ORDER_MIN_SEQS
     _paged_attention_kernel[grid](
-        out, part_acc, part_m, part_l, query, k_cache, v_cache,
+        out, part_acc, part_m, part_l, part_n, query, k_cache, v_cache,
         meta.query_start_loc, meta.context_lens, meta.block_tables,
         meta.longest_first if ordered else meta.context_lens,  # read only when ORDERED
         meta.num_seqs, num_heads, num_splits, q_blocks_per_seq, scale * LOG2E,
@@ -242,7 +252,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl)
     if split:
         _merge_splits_kernel[(num_tokens, num_heads)](
-            out, part_acc, part_m, part_l, num_heads, num_splits,
+            out, part_acc, part_m, part_l, part_n, num_heads, num_splits,
             out.stride(0), out.stride(1), HEAD_DIM=head_dim,
             BLOCK_D=triton.next_power_of_2(head_dim),
             SPLIT_PAD=triton.next_power_of_2(num_splits), PDL=pdl, launch_pdl=pdl)
@@ -250,12 +260,14 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 
 def _split_buffers(query: torch.Tensor, num_splits: int):
-    """fp32 partial (unnormalised output, running max, running sum) per split."""
+    """fp32 partial (unnormalised output, running max, running sum) per split, and the
+    number of splits that saw keys per (token, head)."""
     num_tokens, num_heads, head_dim = query.shape
     shape = (num_tokens, num_heads, num_splits)
     part_acc = torch.empty((*shape, head_dim), dtype=torch.float32, device=query.device)
     part_m = torch.empty(shape, dtype=torch.float32, device=query.device)
-    return part_acc, part_m, torch.empty_like(part_m)
+    part_n = torch.empty(shape[:2], dtype=torch.int32, device=query.device)
+    return part_acc, part_m, torch.empty_like(part_m), part_n
 
 
 def _check_shapes(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
