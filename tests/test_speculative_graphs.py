@@ -144,8 +144,8 @@ def test_cpu_triton_passes_in_the_engine_draw_the_torch_tokens(mtp_checkpoint):
     the eager steps of an engine, draw the torch path's tokens for every kind of row."""
     pytest.importorskip("triton")
     import os
-    if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no GPU and TRITON_INTERPRET is not 1")
+    if os.environ.get("TRITON_INTERPRET") != "1":  # the engine runs on CPU tensors
+        pytest.skip("needs Triton's CPU interpreter (TRITON_INTERPRET=1)")
     model_dir, _ = mtp_checkpoint
     options = dict(device="cpu", show_progress=False, seed=7, num_speculative_tokens=2)
     engine = RolloutEngine(model_dir, **options)
