@@ -146,10 +146,7 @@ def model_rows(model: str, max_model_len: int, variants: list[str],
             settings = {**DEFAULT_SETTINGS, **MODEL_SETTINGS[name]}
             for attr, value in settings.items():
                 setattr(graphs.ops, attr, value)
-            graphs.graphs.clear()
-            graphs.outputs.clear()
-            graphs._pool = None  # a fresh pool: the old graphs' memory is still referenced
-            graphs.capture()
+            graphs.recapture()
             row = {"model": model, "max_model_len": max_model_len, "variant": name,
                    **settings,
                    "graph_replay_us": replay_us(graphs.graphs[1, 1, None]),

@@ -91,6 +91,14 @@ class DecodeGraphs:
                 self._capture((q, size, None), q, size, None)
         torch.cuda.synchronize()
 
+    def recapture(self) -> None:
+        """Drop every graph (tailed ones too) and capture the plain ones again in a fresh
+        pool, e.g. after the kernel backend's settings changed (benchmarks)."""
+        self.graphs.clear()
+        self.outputs.clear()
+        self._pool = None  # the old graphs' memory may still be referenced
+        self.capture()
+
     def _capture(self, key: tuple, query_len: int, size: int, tail) -> None:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
