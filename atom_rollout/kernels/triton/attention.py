@@ -64,7 +64,7 @@ def _paged_attention_kernel(
     DECODE: tl.constexpr, ORDERED: tl.constexpr, PDL: tl.constexpr,
 ):
     release_dependents(PDL)
-    wait_for_inputs(PDL)
+    # Until the wait this reads only the step's metadata, which no PDL kernel writes.
     if DECODE:  # grid (kv_heads * splits, sequence slots * q_blocks_per_seq)
         kv_head = tl.program_id(0) % (num_heads // GROUP)
         split = tl.program_id(0) // (num_heads // GROUP)
@@ -99,21 +99,23 @@ def _paged_attention_kernel(
             return
         kv_hi = tl.minimum(kv_lo + chunk, kv_end)
 
+    dims = tl.arange(0, BLOCK_D)
+    dim_valid = dims < HEAD_DIM
+    table = block_tables + seq.to(tl.int64) * stride_bt
+    wait_for_inputs(PDL)
+
     rows = tl.arange(0, BLOCK_M)
     q_idx = q_block * BLOCK_Q + rows // GROUP_PAD
     head = kv_head * GROUP + rows % GROUP_PAD
     row_valid = (rows // GROUP_PAD < BLOCK_Q) & (q_idx < q_len) & (rows % GROUP_PAD < GROUP)
     q_pos = ctx_len - q_len + q_idx
     token = (q_start + q_idx).to(tl.int64)
-    dims = tl.arange(0, BLOCK_D)
-    dim_valid = dims < HEAD_DIM
     q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
                 mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    table = block_tables + seq.to(tl.int64) * stride_bt
     for start in range(kv_lo, kv_hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_valid = keys < kv_hi

@@ -6,6 +6,11 @@ tile), then ``wait_for_inputs`` blocks until the previous kernel has finished an
 writes are visible. ``release_dependents`` lets the next kernel start. Every PDL kernel
 waits before it writes anything or reads another kernel's output, so completion stays
 ordered along the stream (each kernel finishes only after the one before it has).
+Before waiting a kernel may read what no PDL kernel writes (weights, the step's metadata:
+written before the chain's first kernel started), so those loads overlap the kernel
+before. Asking L2 for the lines it reads after the wait (prefetch.global.L2 per 128-byte
+line, weights past a projection's first tile, a decode tile's K/V) made Qwen3-0.6B's
+batch-1 graph slower (961 -> 982 us, H100, scripts/ab_latency.py), so none do.
 """
 from __future__ import annotations
 
@@ -28,3 +33,4 @@ def release_dependents(PDL: tl.constexpr):
 
 def supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+

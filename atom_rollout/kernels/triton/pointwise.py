@@ -33,6 +33,7 @@ def _rms_norm_kernel(out_ptr, sum_ptr, x_ptr, res_ptr, w_ptr, n_cols, eps,
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # a weight: read before the wait
     wait_for_inputs(PDL)
     x = _row_input(x_ptr, row, cols, mask, stride_x, split_stride, sum_ptr.dtype.element_ty,
                    SPLITS)
@@ -43,7 +44,6 @@ def _rms_norm_kernel(out_ptr, sum_ptr, x_ptr, res_ptr, w_ptr, n_cols, eps,
     x32 = x.to(tl.float32)
     inv_rms = 1.0 / tl.sqrt(tl.sum(x32 * x32, 0) / n_cols + eps)
     normed = (x32 * inv_rms).to(x.dtype)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     out = w.to(tl.float32) * normed.to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 

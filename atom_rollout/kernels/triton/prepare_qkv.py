@@ -71,11 +71,13 @@ def _prepare_qkv_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, q_w_ptr, k_w_
                         HAS_NORM: tl.constexpr, HALF: tl.constexpr,
                         BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     release_dependents(PDL)
-    wait_for_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
+    # positions, the rotary table and slots are no kernel's output: read before the wait
     cos, sin, halves, half_mask = _cos_sin(cos_sin_ptr, pos_ptr, token, stride_cs, HALF,
                                            BLOCK_HALF)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    wait_for_inputs(PDL)
     if head < num_q_heads:
         _prepare_head(q_ptr + token * stride_qt + head * stride_qh,
                       q_out_ptr + token * stride_oqt + head * stride_oqh, q_w_ptr,
@@ -86,7 +88,6 @@ def _prepare_qkv_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, q_w_ptr, k_w_
                                k_out_ptr + token * stride_okt + kv_head * stride_okh, k_w_ptr,
                                cos, sin, halves, half_mask, head_dim, eps,
                                HAS_NORM, HALF, BLOCK_D)
-        slot = tl.load(slot_ptr + token).to(tl.int64)
         if slot >= 0:  # negative: padding (e.g. a CUDA-graph batch larger than the real one)
             page = slot // block_size
             in_page = slot % block_size
