@@ -11,7 +11,9 @@ whole speculative step; tailed graphs are captured on first use, and a tail may 
 the next step's inputs into the static buffers for run_tail to replay on. Smaller
 batches are padded up to the next captured size: padded sequences write no KV (slot -1),
 attend to q slots of block 0 and their outputs are dropped. All graphs share one memory
-pool. Without CUDA, run() executes the same padded forward eagerly (for CPU tests).
+pool. Without CUDA, run() executes the same padded forward eagerly (for CPU tests). On
+the Triton backend one kernel loads a step into the static inputs (kernels/triton/
+step_inputs.py); elsewhere a few torch copies do.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch
 
 from ..kernels import AttentionMetadata, KernelOps
 from ..models import DecoderForCausalLM
+from .token_feed import TokenFeed
 
 
 def capture_sizes(max_batch: int) -> list[int]:
@@ -52,6 +55,8 @@ class DecodeGraphs:
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple, object] = {}
         self._pool = None  # the memory pool every graph shares
+        # load()'s one-launch kernel (kernels/triton/step_inputs.py), or None: torch copies
+        self.step_loader = _step_loader(ops) if self.use_graphs else None
 
     @property
     def max_batch(self) -> int:
@@ -107,13 +112,15 @@ class DecodeGraphs:
         self.graphs[key] = graph
 
     def run(self, query_len: int, input_ids: torch.Tensor, positions: torch.Tensor,
-            slot_mapping: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor):
-        """Replay for a batch, given as host tensors, in which every sequence has
-        query_len new tokens. Returns (hidden [B * q, H] or None, logits [B, V] or None):
-        hidden with keep_hidden, logits for q = 1. Both are overwritten by the next run."""
+            slot_mapping: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
+            feed: TokenFeed | None = None):
+        """Replay for a batch, given as device tensors, in which every sequence has
+        query_len new tokens (feed: tokens of the previous launch to feed to its input
+        ids). Returns (hidden [B * q, H] or None, logits [B, V] or None): hidden with
+        keep_hidden, logits for q = 1. Both are overwritten by the next run."""
         batch, tokens = context_lens.shape[0], context_lens.shape[0] * query_len
         size = self.load(query_len, input_ids, positions, slot_mapping, context_lens,
-                          block_tables)
+                         block_tables, feed)
         if self.use_graphs:
             self.graphs[query_len, size, None].replay()
             hidden, logits = self.outputs[query_len, size, None]
@@ -152,10 +159,21 @@ class DecodeGraphs:
         return not self.use_graphs or (query_len, size, tail.key) in self.graphs
 
     def load(self, query_len: int, input_ids, positions, slot_mapping, context_lens,
-              block_tables) -> int:
-        """Copies a batch into the static inputs, pads it; returns the padded size."""
+             block_tables, feed: TokenFeed | None = None) -> int:
+        """Copies a batch into the static inputs (feeding it feed's tokens), pads it;
+        returns the padded size."""
         batch = context_lens.shape[0]
         size = self.padded_size(batch)
+        if self.step_loader is not None:
+            self.step_loader(
+                (self.input_ids, self.positions, self.slot_mapping, self.context_lens,
+                 self.block_tables),
+                (input_ids, positions, slot_mapping, context_lens, block_tables), size,
+                query_len, self.block_size,
+                None if feed is None else (feed.sources, feed.tokens))
+            return size
+        if feed is not None:
+            feed.apply(input_ids)
         tokens, padded = batch * query_len, size * query_len
         self.input_ids[:tokens].copy_(input_ids, non_blocking=True)
         self.positions[:tokens].copy_(positions, non_blocking=True)
@@ -183,3 +201,11 @@ class DecodeGraphs:
         blocks = -(-query_len // self.block_size)
         if blocks > 1:
             self.block_tables[batch:size, :blocks].fill_(0)
+
+
+def _step_loader(ops: KernelOps):
+    """The Triton backend's one-launch load_step_inputs, else None."""
+    if ops.name != "triton":
+        return None
+    from ..kernels.triton.step_inputs import load_step_inputs  # decorates its kernel
+    return load_step_inputs

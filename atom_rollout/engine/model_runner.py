@@ -19,6 +19,7 @@ from .sampling_rows import SamplingRowCache
 from .scheduler import ScheduledBatch
 from .speculation import MTPSpeculator, Proposal, StepTables, Verified
 from .sequence import Sequence
+from .token_feed import TokenFeed, placeholder_sources
 
 
 @dataclass
@@ -60,6 +61,7 @@ class _Inputs:
     rows: list[tuple[Sequence, int, int, int]]  # generation seqs: (seq, row, start, count)
     verify_rows: list[tuple[Sequence, int]]  # seqs whose drafts this step verifies
     tables: StepTables | None = None  # the block tables on host and device (speculative)
+    feed: TokenFeed | None = None  # the previous launch's tokens input_ids still lacks
 
 
 class ModelRunner:
@@ -181,7 +183,7 @@ class ModelRunner:
         if not tensors.fused_kernel:
             return sample(logits, tensors)
         try:
-            return sample(logits, tensors)
+            return sample(logits, tensors, packed=True)
         except Exception as error:  # a Triton build this kernel does not compile on
             warnings.warn(f"fused sampling kernel unavailable, using the torch sampler: "
                           f"{type(error).__name__}: {str(error)[:200]}")
@@ -203,7 +205,7 @@ class ModelRunner:
     def _graph_forward(self, inputs: _Inputs, query_len: int):
         hidden, logits = self.graphs.run(query_len, inputs.input_ids, inputs.positions,
                                          inputs.slot_mapping, inputs.context_lens,
-                                         inputs.block_tables)
+                                         inputs.block_tables, inputs.feed)
         if not inputs.sample_seqs:
             return hidden, None
         if logits is None:  # verify-shaped: only prompt chunks that just ended sample
@@ -215,6 +217,8 @@ class ModelRunner:
 
     def _eager_forward(self, inputs: _Inputs):
         up = self._upload
+        if inputs.feed is not None:
+            inputs.feed.apply(inputs.input_ids)
         meta = AttentionMetadata(up(inputs.slot_mapping), up(inputs.query_start_loc),
                                  up(inputs.context_lens), up(inputs.block_tables),
                                  inputs.max_query_len, inputs.max_context_len)
@@ -239,18 +243,17 @@ class ModelRunner:
         else:
             host = self._general_host(batch)
         arrays = host.arrays
-        feed = _placeholder_feed(batch) if overlapped else None
-        if feed is not None:
-            arrays = arrays + list(feed)
+        sources = placeholder_sources(batch) if overlapped else None
+        if sources is not None:
+            arrays = arrays + [sources]
         sampling = None
         if host.sample_seqs:
             sampling = self.sampling_rows.step(host.sample_seqs, host.sample_positions)
             arrays = arrays + sampling.arrays
         views = _upload_packed(arrays, self.device)
-        if feed is not None:
-            rows, sources = views[len(host.arrays):len(host.arrays) + 2]
-            views[0].index_copy_(0, rows, self._last_tokens.index_select(0, sources))
-            del views[len(host.arrays):len(host.arrays) + 2]
+        feed = None
+        if sources is not None:  # applied by the forward (see TokenFeed)
+            feed = TokenFeed(views.pop(len(host.arrays)), self._last_tokens)
         if sampling is not None:
             tensors = self.sampling_rows.tensors(sampling, views[len(host.arrays):],
                                                  self.fused_sampling)
@@ -260,7 +263,7 @@ class ModelRunner:
             tables = StepTables(host.arrays[5], views[5], batch.seqs)
         return _Inputs(*views[:len(host.arrays)], host.max_query_len, host.max_context_len,
                        host.sample_rows, host.sample_seqs, host.score_rows, host.rows,
-                       host.verify_rows, tables)
+                       host.verify_rows, tables, feed)
 
     def _decode_host(self, batch: ScheduledBatch) -> _HostInputs:
         """Every sequence computes its last token and samples: no per-token Python loop."""
@@ -367,10 +370,12 @@ class ModelRunner:
         return self.resolve(self._start_copy(seqs, out))
 
     def _start_copy(self, seqs: list[Sequence], out) -> Launched:
-        tensors = [out.token_ids, out.logprobs]
-        if out.raw_logprobs is not None:
-            tensors.append(out.raw_logprobs)
-        stacked = torch.stack([t.double() for t in tensors])
+        stacked = out.packed
+        if stacked is None:
+            tensors = [out.token_ids, out.logprobs]
+            if out.raw_logprobs is not None:
+                tensors.append(out.raw_logprobs)
+            stacked = torch.stack([t.double() for t in tensors])
         top = None if out.top_token_ids is None else (out.top_token_ids, out.top_logprobs)
         if self.device.type != "cuda":
             return Launched(seqs, stacked, top, None)
@@ -401,21 +406,6 @@ def _padded_tables(tables: list[list[int]]) -> np.ndarray:
     cols = np.arange(len(flat)) - np.repeat(np.cumsum(widths) - widths, widths)
     out[rows, cols] = flat
     return out
-
-
-def _placeholder_feed(batch: ScheduledBatch) -> tuple[np.ndarray, np.ndarray] | None:
-    """(input rows, rows of the previous launch's sampled tokens) for the sequences whose
-    last token is still a placeholder; None when there are none. Such a sequence computes
-    exactly that token this step, so its row is the last of its chunk."""
-    rows, sources, row = [], [], 0
-    for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
-        row += num_new
-        if seq.num_placeholders:
-            rows.append(row - 1)
-            sources.append(seq.last_sample_row)
-    if not rows:
-        return None
-    return np.array(rows, dtype=np.int64), np.array(sources, dtype=np.int64)
 
 
 @dataclass

@@ -34,12 +34,16 @@ class SamplerOutput:
     raw_logprobs: torch.Tensor | None  # [R] float32, when need_raw
     top_token_ids: torch.Tensor | None  # [R, k]
     top_logprobs: torch.Tensor | None  # [R, k]
+    # [2 or 3, R] float64: token ids, logprobs[, raw logprobs] (packed fused samples only)
+    packed: torch.Tensor | None = None
 
 
-def sample(logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
-    """Draw one token per row by inverse-CDF on the row's own uniform."""
+def sample(logits: torch.Tensor, st: SamplingTensors, packed: bool = False) -> SamplerOutput:
+    """Draw one token per row by inverse-CDF on the row's own uniform. packed: where the
+    fused kernel serves the rows it also writes SamplerOutput.packed (then logprobs and
+    raw_logprobs are its float64 rows), one tensor to copy to the host."""
     if st.fused_kernel and not st.use_sort and st.num_top_logprobs == 0:
-        return _fused(logits, st)
+        return _fused(logits, st, packed)
     logits = logits.float()
     raw = torch.log_softmax(logits, dim=-1) if st.need_raw else None
     if st.banned is not None:
@@ -97,9 +101,13 @@ def inverse_cdf(logp: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.where(landed_outside, logp.argmax(dim=-1), tokens)
 
 
-def _fused(logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
+def _fused(logits: torch.Tensor, st: SamplingTensors, packed: bool) -> SamplerOutput:
     """The same draw in one streaming Triton pass (imported late: it compiles on import)."""
     from ..kernels.triton.sampling import fused_sample
+    out = None
+    if packed:
+        out = torch.empty((3 if st.need_raw else 2, logits.shape[0]), dtype=torch.float64,
+                          device=logits.device)
     tokens, logp, raw = fused_sample(logits, st.temperature, st.min_p, st.uniforms, st.banned,
-                                     st.need_raw, use_min_p=st.use_min_p)
-    return SamplerOutput(tokens, logp, raw, None, None)
+                                     st.need_raw, use_min_p=st.use_min_p, out=out)
+    return SamplerOutput(tokens, logp, raw, None, None, out)

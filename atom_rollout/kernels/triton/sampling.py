@@ -158,10 +158,11 @@ def landing_chunk(mass, valid, offs, uniform):
 
 
 @triton.jit
-def _pick_kernel(token_ptr, logprob_ptr, raw_ptr, part_ptr, arg_ptr, logits_ptr, temp_ptr,
-                 min_p_ptr, uniform_ptr, ban_tok_ptr, ban_start_ptr, vocab, num_chunks, stride,
+def _pick_kernel(token_ptr, token_f64_ptr, logprob_ptr, raw_ptr, part_ptr, arg_ptr, logits_ptr,
+                 temp_ptr, min_p_ptr, uniform_ptr, ban_tok_ptr, ban_start_ptr, vocab,
+                 num_chunks, stride,
                  HAS_BANNED: tl.constexpr, HAS_MIN_P: tl.constexpr, NEED_RAW: tl.constexpr,
-                 BLOCK: tl.constexpr, CHUNKS_PAD: tl.constexpr):
+                 PACKED: tl.constexpr, BLOCK: tl.constexpr, CHUNKS_PAD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     part_row = part_ptr + row * (_NUM_FIELDS * num_chunks)
     offs = tl.arange(0, CHUNKS_PAD)
@@ -222,6 +223,9 @@ def _pick_kernel(token_ptr, logprob_ptr, raw_ptr, part_ptr, arg_ptr, logits_ptr,
     scaled_logit = tl.math.div_rn(logit, divisor).to(tl.float64)
     processed = (scaled_logit - row_max.to(tl.float64) - tl.log(total)).to(tl.float32)
     tl.store(token_ptr + row, token)
+    if PACKED:  # exact: token ids are far below 2^53
+        tl.store(token_f64_ptr + row, token.to(tl.float64))
+    # stores cast to the buffers' dtype: fp32, or fp64 rows of a packed output
     tl.store(logprob_ptr + row, tl.where(greedy, raw_logprob, processed))
     if NEED_RAW:
         tl.store(raw_ptr + row, raw_logprob)
@@ -230,6 +234,7 @@ def _pick_kernel(token_ptr, logprob_ptr, raw_ptr, part_ptr, arg_ptr, logits_ptr,
 def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor,
                  uniforms: torch.Tensor, banned: torch.Tensor | None, need_raw: bool, *,
                  use_min_p: bool = True, block: int | None = None,
+                 out: torch.Tensor | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Tokens [R] int64, their processed logprobs [R] fp32 (raw for greedy rows)
     and raw logprobs [R] fp32 when ``need_raw``; same draw as ``sampler.sample``
@@ -237,14 +242,20 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.T
 
     ``use_min_p=False`` skips the min-p launch (the caller's host flag that no
     sampled row has min_p > 0); ``block`` overrides the chunk size (a power of 2).
+    ``out``: a contiguous [2 or 3 (need_raw), R] float64 tensor that also receives the
+    token ids and holds the logprobs (and raw logprobs), which are returned as its rows.
     """
     rows, vocab = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     device = logits.device
     tokens = torch.empty(rows, dtype=torch.int64, device=device)
-    logprobs = torch.empty(rows, dtype=torch.float32, device=device)
-    raw = torch.empty(rows, dtype=torch.float32, device=device) if need_raw else None
+    if out is None:
+        logprobs = torch.empty(rows, dtype=torch.float32, device=device)
+        raw = torch.empty(rows, dtype=torch.float32, device=device) if need_raw else None
+    else:
+        _check_out(out, rows, need_raw, device)
+        logprobs, raw = out[1], (out[2] if need_raw else None)
     if rows == 0:
         return tokens, logprobs, raw
     block = block or choose_block(rows, vocab, device)
@@ -252,7 +263,7 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.T
     chunks_pad = max(16, triton.next_power_of_2(num_chunks))
     part = torch.empty((rows, NUM_FIELDS, num_chunks), dtype=torch.float64, device=device)
     arg = torch.empty((rows, num_chunks), dtype=torch.int32, device=device)
-    ban_tokens, ban_starts = _banned_by_row(banned, rows, vocab, device)
+    ban_tokens, ban_starts = _banned_by_row(banned, rows, vocab, tokens)
     temperature = temperature.float().contiguous()
     min_p = min_p.float().contiguous()
     uniforms = uniforms.double().contiguous()
@@ -265,9 +276,10 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.T
             part, logits, temperature, min_p, ban_tokens, ban_starts, vocab, num_chunks,
             logits.stride(0), CHUNKS_PAD=chunks_pad, **common)
     _pick_kernel[(rows,)](
-        tokens, logprobs, raw if raw is not None else logprobs, part, arg, logits, temperature,
-        min_p, uniforms, ban_tokens, ban_starts, vocab, num_chunks, logits.stride(0),
-        HAS_MIN_P=use_min_p, NEED_RAW=need_raw, CHUNKS_PAD=chunks_pad, **common)
+        tokens, tokens if out is None else out[0], logprobs,
+        raw if raw is not None else logprobs, part, arg, logits, temperature, min_p, uniforms,
+        ban_tokens, ban_starts, vocab, num_chunks, logits.stride(0), HAS_MIN_P=use_min_p,
+        NEED_RAW=need_raw, PACKED=out is not None, CHUNKS_PAD=chunks_pad, **common)
     return tokens, logprobs, raw
 
 
@@ -286,13 +298,22 @@ def choose_block(rows: int, vocab: int, device: torch.device) -> int:
     return block
 
 
+def _check_out(out: torch.Tensor, rows: int, need_raw: bool, device: torch.device) -> None:
+    shape = (3 if need_raw else 2, rows)
+    if out.shape != shape or out.dtype != torch.float64 or out.device != device \
+            or not out.is_contiguous():
+        raise ValueError(f"fused_sample: out must be a contiguous float64 {shape} tensor "
+                         f"on {device}, not {out.dtype} {tuple(out.shape)} on {out.device}")
+
+
 def _banned_by_row(banned: torch.Tensor | None, rows: int, vocab: int,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                   placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Banned tokens sorted by row and each row's [start, end) into them,
-    as start offsets [R + 1]; placeholders when nothing is banned."""
+    as start offsets [R + 1]; when nothing is banned, the placeholder (a tensor on the
+    device, which the kernels then never read) twice."""
     if banned is None:
-        empty = torch.zeros(1, dtype=torch.int64, device=device)
-        return empty, empty
+        return placeholder, placeholder
+    device = placeholder.device
     keys = (banned[0].to(torch.int64) * vocab + banned[1].to(torch.int64)).sort().values
     starts = torch.searchsorted(keys, torch.arange(rows + 1, device=device) * vocab)
     return (keys % vocab).contiguous(), starts
