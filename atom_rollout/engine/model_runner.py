@@ -309,7 +309,8 @@ class ModelRunner:
         sample_rows, sample_seqs, score_rows, rows, verify_rows = [], [], [], [], []
         bs = self.block_size
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
-            start, end, row0 = seq.num_computed_tokens, seq.num_computed_tokens + num_new, len(input_ids)
+            start, row0 = seq.num_computed_tokens, len(input_ids)
+            end = start + num_new
             tokens = seq.token_ids + seq.draft_tokens if seq.draft_tokens else seq.token_ids
             input_ids.extend(tokens[start:end])
             positions.extend(range(start, end))
