@@ -73,7 +73,7 @@ def _prepare_qkv_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, q_w_ptr, k_w_
     release_dependents(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    # positions, the rotary table and slots are no kernel's output: read before the wait
+    # positions, the rotary table and slots: no PDL kernel writes them (pdl.py), read early
     cos, sin, halves, half_mask = _cos_sin(cos_sin_ptr, pos_ptr, token, stride_cs, HALF,
                                            BLOCK_HALF)
     slot = tl.load(slot_ptr + token).to(tl.int64)
