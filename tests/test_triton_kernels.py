@@ -18,8 +18,10 @@ from atom_rollout.kernels.triton import TritonOps, is_available  # noqa: E402
 from atom_rollout.kernels.triton.attention import (  # noqa: E402
     ORDER_MIN_SEQS, TileConfig, choose_num_splits, paged_attention)
 from atom_rollout.kernels.triton.split_k_linear import (  # noqa: E402
-    MAX_ROWS, SplitKConfig, choose_config, split_k_partials)
-from atom_rollout.models.decoder import Attention, DecoderSpec  # noqa: E402
+    MAX_ROWS, ONE_ROW_UNSPLIT, STREAMING_BYTES, SplitKConfig, choose_config,
+    split_k_partials)
+from atom_rollout.models.decoder import (  # noqa: E402
+    Attention, DecoderForCausalLM, DecoderSpec)
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 # The CPU interpreter runs tl.dot on bfloat16 wrongly and truncates instead of
@@ -389,6 +391,27 @@ def test_attention_layer_calls_prepare_qkv(tri):
     assert max_abs_diff(outs[0], outs[1]) == 0.0
 
 
+def test_lm_head_through_the_backend_linear(ref, tri, monkeypatch):
+    """compute_logits(ops=) projects with ops.linear (TritonOps' one-row kernel for one
+    row of a vocabulary that fills two of its tiles per SM) and matches nn.Linear;
+    without ops it is nn.Linear."""
+    vocab = 2 * ONE_ROW_UNSPLIT.block_n * tri._multiprocessor_count(DEVICE) + 16
+    spec = DecoderSpec(vocab_size=vocab, hidden_size=48, intermediate_size=64, num_layers=1,
+                       num_heads=4, num_kv_heads=2, head_dim=24, rms_norm_eps=1e-5,
+                       qkv_bias=False, qk_norm=True, tie_word_embeddings=False)
+    model = DecoderForCausalLM(spec, None).to(DEVICE)
+    model.lm_head.weight.data.normal_(0, 0.2)
+    hidden = _randn(1, 48)
+    calls = []
+    one_row = tri._split_k.one_row_linear
+    monkeypatch.setattr(tri._split_k, "one_row_linear",
+                        lambda *a, **k: calls.append(1) or one_row(*a, **k))
+    got = model.compute_logits(hidden, ops=tri)
+    assert calls and got.dtype == torch.float32
+    torch.testing.assert_close(got, model.compute_logits(hidden), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.compute_logits(hidden, ops=ref), model.compute_logits(hidden))
+
+
 def _unfused_ops() -> TritonOps:
     ops = TritonOps()
     ops.fused_qkv = False
@@ -476,6 +499,26 @@ def test_split_k_config_fills_the_grid():
     assert choose_config(80, 320, 3, 8).splits == 3
     assert choose_config(4096, 1024, 1, 132).splits == 1
     assert choose_config(64, 64, 1, 8).splits == 1
+
+
+def test_split_k_config_streams_large_weights():
+    """Qwen3-8B's o_proj and down_proj (over STREAMING_BYTES): 8 x 1,024 tiles, 4 warps,
+    no split (512 column tiles already give ~4 programs per SM); 16 MiB itself does not."""
+    assert choose_config(4096, 4096, 1, 132) == SplitKConfig(8, 1024, 1, 4)
+    assert choose_config(4096, 12288, 1, 132) == SplitKConfig(8, 1024, 1, 4)
+    assert choose_config(4096, 2048, 1, 132) == SplitKConfig(16, 256, 1, 8)
+    assert choose_config(4096, 4096, 1, 132, element_size=1).block_k == 256
+    assert choose_config(4096, 4096, 4, 132).block_n == 32  # more rows: unchanged
+
+
+def test_one_row_linear_past_streaming_bytes(ref, tri):
+    """A weight just over STREAMING_BYTES (2,048 x 4,160 bf16) takes the streaming tiles,
+    K = 4,160 ending in a partial 1,024-column block; as before, it matches TorchOps."""
+    x = _randn(1, 4160, dtype=torch.bfloat16)
+    weight = (_randn(2048, 4160) * 4160 ** -0.5).to(torch.bfloat16)
+    assert weight.numel() * 2 > STREAMING_BYTES
+    torch.testing.assert_close(tri.linear(x, weight).float(), ref.linear(x, weight).float(),
+                               **TOL[torch.bfloat16])
 
 
 def test_split_k_one_split_in_the_model_dtype_is_a_projection():

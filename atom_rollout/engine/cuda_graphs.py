@@ -82,7 +82,8 @@ class DecodeGraphs:
                             self.kv_caches, self.meta(query_len, size))
         if tail is not None:
             return tail(self, hidden, size)
-        logits = self.model.compute_logits(hidden, as_float32=False) if query_len == 1 else None
+        logits = self.model.compute_logits(hidden, as_float32=False, ops=self.ops) \
+            if query_len == 1 else None
         return (hidden if self.keep_hidden else None), logits
 
     @torch.inference_mode()

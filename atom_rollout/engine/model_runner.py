@@ -210,7 +210,7 @@ class ModelRunner:
             return hidden, None
         if logits is None:  # verify-shaped: only prompt chunks that just ended sample
             rows = self._upload(torch.tensor(inputs.sample_rows))
-            return hidden, self.model.compute_logits(hidden[rows], as_float32=False)
+            return hidden, self.model.compute_logits(hidden[rows], as_float32=False, ops=self.ops)
         if len(inputs.sample_rows) < logits.shape[0]:  # a 1-token prompt chunk does not
             logits = logits[self._upload(torch.tensor(inputs.sample_rows))]
         return hidden, logits
@@ -228,7 +228,7 @@ class ModelRunner:
         if not inputs.sample_seqs:
             return hidden, None
         return hidden, self.model.compute_logits(hidden[up(torch.tensor(inputs.sample_rows))],
-                                                 as_float32=False)
+                                                 as_float32=False, ops=self.ops)
 
     # Sampling tensors built (and uploaded) by _prepare, for the _sample of the same step.
     _staged_sampling: tuple[list[Sequence], SamplingTensors] | None = None

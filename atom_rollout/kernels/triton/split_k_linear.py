@@ -34,11 +34,25 @@ class SplitKConfig:
 
 # one row, outputs of 4,096-6,144 columns (H100 sweep, scripts/bench_split_k.py)
 ONE_ROW_UNSPLIT = SplitKConfig(block_n=8, block_k=512, splits=1, num_warps=4)
+# Weights past this many bytes stream long enough for wider K tiles and more programs
+# to pay: tiles of 8 x 1,024, about four programs per SM (H100: Qwen3-8B's projections
+# in scripts/bench_gemv_8b.py, 10-24% faster than cuBLAS, ~3.0 TB/s on gate_up; 4 warps
+# over 8 and 16-row tiles in the batch-1 graph, scripts/ab_latency.py, 5,537 / 5,565 /
+# 5,755 us).
+STREAMING_BYTES = 16 << 20
+STREAMING = SplitKConfig(block_n=8, block_k=1024, splits=1, num_warps=4)
+STREAMING_PROGRAMS_PER_SM = 4
 
 
-def choose_config(n_out: int, k: int, rows: int, multiprocessors: int) -> SplitKConfig:
-    """One row: tiles of 16 x 256 and about two programs per SM; more rows (tl.dot):
-    32 x 128 and one per SM (H100 sweep, scripts/bench_split_k.py)."""
+def choose_config(n_out: int, k: int, rows: int, multiprocessors: int,
+                  element_size: int = 2) -> SplitKConfig:
+    """One row: tiles of 16 x 256 and about two programs per SM, or STREAMING's for
+    large weights; more rows (tl.dot): 32 x 128 and one per SM (H100 sweeps,
+    scripts/bench_split_k.py, scripts/bench_gemv_8b.py)."""
+    if rows == 1 and n_out * k * element_size > STREAMING_BYTES:
+        programs = STREAMING_PROGRAMS_PER_SM * multiprocessors
+        return config_for(n_out, k, programs, STREAMING.block_n, STREAMING.block_k,
+                          STREAMING.num_warps)
     if rows == 1:
         return config_for(n_out, k, 2 * multiprocessors, 16, 256, 8)
     return config_for(n_out, k, multiprocessors, 32, 128, 4)
@@ -92,7 +106,8 @@ def _split_k_kernel(part_ptr, x_ptr, w_ptr, b_ptr, M, N, K, k_per_split, stride_
     # the first weight tile needs nothing from the kernel before: load it, then wait
     cols = k_start + tl.arange(0, BLOCK_K)
     k_mask = cols < K
-    w = tl.load(w_rows + cols[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+    w = tl.load(w_rows + cols[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
+                eviction_policy="evict_first")
     # Released now rather than after the loop, the next kernel's programs start and fetch
     # their first weight tiles while this one streams (H100, Qwen3-0.6B batch-1 decode
     # graph: 1,006 -> 959 us, scripts/ab_latency.py); they still wait for our result.
@@ -105,7 +120,8 @@ def _split_k_kernel(part_ptr, x_ptr, w_ptr, b_ptr, M, N, K, k_per_split, stride_
         k_mask = cols < K
         x = _input_tile(x_ptr, rows, cols, row_mask[:, None] & k_mask[None, :], stride_x, K,
                         GATED)
-        w = tl.load(w_rows + cols[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_rows + cols[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
+                    eviction_policy="evict_first")  # read once per step: keep L2 for the rest
         acc = _accumulate(acc, x, w, ROWS)
     if HAS_BIAS:  # once, in the first split's partial
         bias = tl.load(b_ptr + n_idx, mask=n_mask, other=0.0).to(tl.float32)
@@ -119,8 +135,10 @@ def one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                    pdl: bool = False) -> torch.Tensor:
     """x @ weight.T + bias for x [1, K] with outputs wide enough to fill the GPU
     unsplit (qkv_proj, gate_up_proj): one split, in x's dtype."""
-    return split_k_partials(x, weight, bias=bias, config=ONE_ROW_UNSPLIT,
-                            out_dtype=x.dtype, pdl=pdl)[0]
+    config = STREAMING if weight.numel() * weight.element_size() > STREAMING_BYTES \
+        else ONE_ROW_UNSPLIT
+    return split_k_partials(x, weight, bias=bias, config=config, out_dtype=x.dtype,
+                            pdl=pdl)[0]
 
 
 def split_k_partials(x: torch.Tensor, weight: torch.Tensor, *, gated: bool = False,
@@ -138,7 +156,7 @@ def split_k_partials(x: torch.Tensor, weight: torch.Tensor, *, gated: bool = Fal
         raise ValueError(f"split_k_partials: x {tuple(x.shape)} (gated={gated}) does not fit "
                          f"weight {tuple(weight.shape)} (at most {MAX_ROWS} rows)")
     n_out = weight.shape[0]
-    cfg = config or choose_config(n_out, k, rows, multiprocessors)
+    cfg = config or choose_config(n_out, k, rows, multiprocessors, weight.element_size())
     x = x if x.stride(-1) == 1 else x.contiguous()
     partials = torch.empty((cfg.splits, rows, n_out), dtype=out_dtype, device=x.device)
     if rows:
