@@ -5,4 +5,5 @@ from .loader import (WeightMap, canonical_name, init_dummy_weights, iter_checkpo
 from .registry import SUPPORTED_ARCHITECTURES, build_model
 
 __all__ = ["DecoderForCausalLM", "DecoderSpec", "SUPPORTED_ARCHITECTURES", "WeightMap",
-           "build_model", "canonical_name", "init_dummy_weights", "iter_checkpoint", "load_checkpoint"]
+           "build_model", "canonical_name", "init_dummy_weights", "iter_checkpoint",
+           "load_checkpoint"]
