@@ -49,13 +49,17 @@ def choose_config(n_out: int, k: int, rows: int, multiprocessors: int,
     """One row: tiles of 16 x 256 and about two programs per SM, or STREAMING's for
     large weights; more rows (tl.dot): 32 x 128 and one per SM (H100 sweeps,
     scripts/bench_split_k.py, scripts/bench_gemv_8b.py)."""
-    if rows == 1 and n_out * k * element_size > STREAMING_BYTES:
+    if rows == 1 and _streams(n_out * k * element_size):
         programs = STREAMING_PROGRAMS_PER_SM * multiprocessors
         return config_for(n_out, k, programs, STREAMING.block_n, STREAMING.block_k,
                           STREAMING.num_warps)
     if rows == 1:
         return config_for(n_out, k, 2 * multiprocessors, 16, 256, 8)
     return config_for(n_out, k, multiprocessors, 32, 128, 4)
+
+
+def _streams(weight_bytes: int) -> bool:
+    return weight_bytes > STREAMING_BYTES
 
 
 def config_for(n_out: int, k: int, programs: int, block_n: int, block_k: int,
@@ -135,8 +139,7 @@ def one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                    pdl: bool = False) -> torch.Tensor:
     """x @ weight.T + bias for x [1, K] with outputs wide enough to fill the GPU
     unsplit (qkv_proj, gate_up_proj): one split, in x's dtype."""
-    config = STREAMING if weight.numel() * weight.element_size() > STREAMING_BYTES \
-        else ONE_ROW_UNSPLIT
+    config = STREAMING if _streams(weight.numel() * weight.element_size()) else ONE_ROW_UNSPLIT
     return split_k_partials(x, weight, bias=bias, config=config, out_dtype=x.dtype,
                             pdl=pdl)[0]
 
