@@ -502,10 +502,13 @@ def test_split_k_config_fills_the_grid():
 
 
 def test_split_k_config_streams_large_weights():
-    """Qwen3-8B's o_proj and down_proj (over STREAMING_BYTES): 8 x 1,024 tiles, 4 warps,
-    no split (512 column tiles already give ~4 programs per SM); 16 MiB itself does not."""
-    assert choose_config(4096, 4096, 1, 132) == SplitKConfig(8, 1024, 1, 4)
-    assert choose_config(4096, 12288, 1, 132) == SplitKConfig(8, 1024, 1, 4)
+    """Qwen3-8B's o_proj and down_proj (over STREAMING_BYTES): 8 x 2,048 tiles, 4 warps,
+    no split (512 column tiles already give ~4 programs per SM); 16 MiB itself does not;
+    a K of 1,024 (Qwen3-0.6B's LM head) or 576 keeps K's power of two."""
+    assert choose_config(4096, 4096, 1, 132) == SplitKConfig(8, 2048, 1, 4)
+    assert choose_config(4096, 12288, 1, 132) == SplitKConfig(8, 2048, 1, 4)
+    assert choose_config(151936, 1024, 1, 132) == SplitKConfig(8, 1024, 1, 4)
+    assert choose_config(49152, 576, 1, 132) == SplitKConfig(8, 1024, 1, 4)
     assert choose_config(4096, 2048, 1, 132) == SplitKConfig(16, 256, 1, 8)
     assert choose_config(4096, 4096, 1, 132, element_size=1).block_k == 256
     assert choose_config(4096, 4096, 4, 132).block_n == 32  # more rows: unchanged
@@ -513,7 +516,7 @@ def test_split_k_config_streams_large_weights():
 
 def test_one_row_linear_past_streaming_bytes(ref, tri):
     """A weight just over STREAMING_BYTES (2,048 x 4,160 bf16) takes the streaming tiles,
-    K = 4,160 ending in a partial 1,024-column block; as before, it matches TorchOps."""
+    K = 4,160 ending in a partial 2,048-column block; as before, it matches TorchOps."""
     x = _randn(1, 4160, dtype=torch.bfloat16)
     weight = (_randn(2048, 4160) * 4160 ** -0.5).to(torch.bfloat16)
     assert weight.numel() * 2 > STREAMING_BYTES

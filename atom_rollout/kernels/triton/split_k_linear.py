@@ -35,12 +35,13 @@ class SplitKConfig:
 # one row, outputs of 4,096-6,144 columns (H100 sweep, scripts/bench_split_k.py)
 ONE_ROW_UNSPLIT = SplitKConfig(block_n=8, block_k=512, splits=1, num_warps=4)
 # Weights past this many bytes stream long enough for wider K tiles and more programs
-# to pay: tiles of 8 x 1,024, about four programs per SM (H100: Qwen3-8B's projections
-# in scripts/bench_gemv_8b.py, 10-24% faster than cuBLAS, ~3.0 TB/s on gate_up; 4 warps
-# over 8 and 16-row tiles in the batch-1 graph, scripts/ab_latency.py, 5,537 / 5,565 /
-# 5,755 us).
+# to pay: tiles of 8 rows x up to 2,048 columns (K's power of two below that), about
+# four programs per SM (H100: Qwen3-8B's projections in scripts/bench_gemv_8b.py, 10-24%
+# faster than cuBLAS, ~3.0 TB/s on gate_up; in the batch-1 graph, scripts/ab_latency.py:
+# 8 x 2,048 5,527 us, 8 x 1,024 5,536, 8 warps 5,565, 2 warps 5,642, 16 rows 5,755,
+# 8 x 512 5,897).
 STREAMING_BYTES = 16 << 20
-STREAMING = SplitKConfig(block_n=8, block_k=1024, splits=1, num_warps=4)
+STREAMING = SplitKConfig(block_n=8, block_k=2048, splits=1, num_warps=4)
 STREAMING_PROGRAMS_PER_SM = 4
 
 
@@ -50,9 +51,9 @@ def choose_config(n_out: int, k: int, rows: int, multiprocessors: int,
     large weights; more rows (tl.dot): 32 x 128 and one per SM (H100 sweeps,
     scripts/bench_split_k.py, scripts/bench_gemv_8b.py)."""
     if rows == 1 and _streams(n_out * k * element_size):
-        programs = STREAMING_PROGRAMS_PER_SM * multiprocessors
-        return config_for(n_out, k, programs, STREAMING.block_n, STREAMING.block_k,
-                          STREAMING.num_warps)
+        tile = streaming_tile(k)
+        return config_for(n_out, k, STREAMING_PROGRAMS_PER_SM * multiprocessors,
+                          tile.block_n, tile.block_k, tile.num_warps)
     if rows == 1:
         return config_for(n_out, k, 2 * multiprocessors, 16, 256, 8)
     return config_for(n_out, k, multiprocessors, 32, 128, 4)
@@ -60,6 +61,13 @@ def choose_config(n_out: int, k: int, rows: int, multiprocessors: int,
 
 def _streams(weight_bytes: int) -> bool:
     return weight_bytes > STREAMING_BYTES
+
+
+def streaming_tile(k: int) -> SplitKConfig:
+    """STREAMING's tile, no wider in K than K's next power of two (a 1,024-wide LM head
+    keeps 1,024-column tiles rather than half-masked 2,048-column ones)."""
+    block_k = min(STREAMING.block_k, triton.next_power_of_2(k))
+    return SplitKConfig(STREAMING.block_n, block_k, 1, STREAMING.num_warps)
 
 
 def config_for(n_out: int, k: int, programs: int, block_n: int, block_k: int,
@@ -139,7 +147,8 @@ def one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                    pdl: bool = False) -> torch.Tensor:
     """x @ weight.T + bias for x [1, K] with outputs wide enough to fill the GPU
     unsplit (qkv_proj, gate_up_proj): one split, in x's dtype."""
-    config = STREAMING if _streams(weight.numel() * weight.element_size()) else ONE_ROW_UNSPLIT
+    streams = _streams(weight.numel() * weight.element_size())
+    config = streaming_tile(weight.shape[1]) if streams else ONE_ROW_UNSPLIT
     return split_k_partials(x, weight, bias=bias, config=config, out_dtype=x.dtype,
                             pdl=pdl)[0]
 
