@@ -46,6 +46,81 @@ def _find_seq(query_start_loc, q_block_id, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
+@triton.jit
+def _program_tile(query_start_loc, seq_order, num_seqs, num_heads, q_blocks_per_seq,
+                  GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, DECODE: tl.constexpr,
+                  ORDERED: tl.constexpr):
+    """(kv_head, split, seq, q_block, q_start, q_len) of this program. Decode grid:
+    (kv_heads * splits, sequence slots * q_blocks_per_seq); prefill: (q blocks, kv_heads,
+    splits)."""
+    if DECODE:
+        kv_head = tl.program_id(0) % (num_heads // GROUP)
+        split = tl.program_id(0) // (num_heads // GROUP)
+        seq = tl.program_id(1) // q_blocks_per_seq
+        q_block = tl.program_id(1) % q_blocks_per_seq
+        if ORDERED:
+            seq = tl.load(seq_order + seq)
+        q_start = tl.load(query_start_loc + seq)
+        q_len = tl.load(query_start_loc + seq + 1) - q_start
+    else:
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        seq = _find_seq(query_start_loc, tl.program_id(0), num_seqs, BLOCK_Q)
+        q_start = tl.load(query_start_loc + seq)
+        q_len = tl.load(query_start_loc + seq + 1) - q_start
+        q_block = tl.program_id(0) - (q_start // BLOCK_Q + seq)
+    return kv_head, split, seq, q_block, q_start, q_len
+
+
+@triton.jit
+def _attend_tile(q, m_i, l_i, acc, start, kv_hi, q_pos, table, kv_head, k_cache_ptr,
+                 v_cache_ptr, scale_log2, stride_kb, stride_ks, stride_kh, stride_vb,
+                 stride_vs, stride_vh, dims, dim_valid, BLOCK_N: tl.constexpr,
+                 PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One BLOCK_N-key tile of the online softmax: the running (max, sum, output)."""
+    keys = start + tl.arange(0, BLOCK_N)
+    key_valid = keys < kv_hi
+    page = tl.load(table + keys // PAGE, mask=key_valid, other=0).to(tl.int64)
+    in_page = (keys % PAGE).to(tl.int64)
+    kv_mask = key_valid[:, None] & dim_valid[None, :]
+    k_off = page * stride_kb + in_page * stride_ks + kv_head * stride_kh
+    k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2
+    visible = key_valid[None, :] & (keys[None, :] <= q_pos[:, None])
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v_off = page * stride_vb + in_page * stride_vs + kv_head * stride_vh
+    v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype),
+                                        input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _store_result(out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, part_n_ptr, m_i, l_i, acc,
+                  token, head, row_valid, dims, dim_valid, split, used_splits, num_heads,
+                  num_splits, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
+                  SPLIT: tl.constexpr):
+    """The normalised output, or with SPLIT this split's partial (and, from split 0, the
+    number of splits that hold keys)."""
+    store_mask = row_valid[:, None] & dim_valid[None, :]
+    if SPLIT:
+        part = (token * num_heads + head) * num_splits + split
+        tl.store(part_m_ptr + part, m_i, mask=row_valid)
+        tl.store(part_l_ptr + part, l_i, mask=row_valid)
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=store_mask)
+        if split == 0:
+            tl.store(part_n_ptr + token * num_heads + head, used_splits, mask=row_valid)
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=store_mask)
+
+
 # Per-batch integers stay unspecialised: Triton would otherwise compile a variant for
 # each of ==1 / multiple of 16 / other, and a first rollout would pay for those the
 # start-up warm-up (one prompt, a 3-block table) never meets.
@@ -65,22 +140,9 @@ def _paged_attention_kernel(
 ):
     release_dependents(PDL)
     # Until the wait this reads only the step's metadata, which no PDL kernel writes.
-    if DECODE:  # grid (kv_heads * splits, sequence slots * q_blocks_per_seq)
-        kv_head = tl.program_id(0) % (num_heads // GROUP)
-        split = tl.program_id(0) // (num_heads // GROUP)
-        seq = tl.program_id(1) // q_blocks_per_seq
-        q_block = tl.program_id(1) % q_blocks_per_seq
-        if ORDERED:
-            seq = tl.load(seq_order + seq)
-        q_start = tl.load(query_start_loc + seq)
-        q_len = tl.load(query_start_loc + seq + 1) - q_start
-    else:  # grid (q blocks, kv_heads, splits)
-        kv_head = tl.program_id(1)
-        split = tl.program_id(2)
-        seq = _find_seq(query_start_loc, tl.program_id(0), num_seqs, BLOCK_Q)
-        q_start = tl.load(query_start_loc + seq)
-        q_len = tl.load(query_start_loc + seq + 1) - q_start
-        q_block = tl.program_id(0) - (q_start // BLOCK_Q + seq)
+    kv_head, split, seq, q_block, q_start, q_len = _program_tile(
+        query_start_loc, seq_order, num_seqs, num_heads, q_blocks_per_seq, GROUP, BLOCK_Q,
+        DECODE, ORDERED)
     if q_block * BLOCK_Q >= q_len:
         return
     ctx_len = tl.load(context_lens + seq)
@@ -90,6 +152,7 @@ def _paged_attention_kernel(
     kv_end = ctx_len - q_len + last_q + 1
     kv_lo = 0
     kv_hi = kv_end
+    chunk = kv_end
     if SPLIT:
         chunk = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
         kv_lo = split * chunk
@@ -117,40 +180,13 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(kv_lo, kv_hi, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        key_valid = keys < kv_hi
-        page = tl.load(table + keys // PAGE, mask=key_valid, other=0).to(tl.int64)
-        in_page = (keys % PAGE).to(tl.int64)
-        kv_mask = key_valid[:, None] & dim_valid[None, :]
-        k_off = page * stride_kb + in_page * stride_ks + kv_head * stride_kh
-        k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2
-        visible = key_valid[None, :] & (keys[None, :] <= q_pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v_off = page * stride_vb + in_page * stride_vs + kv_head * stride_vh
-        v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype),
-                                            input_precision=DOT_PRECISION)
-        m_i = m_new
-
-    store_mask = row_valid[:, None] & dim_valid[None, :]
-    if SPLIT:
-        part = (token * num_heads + head) * num_splits + split
-        tl.store(part_m_ptr + part, m_i, mask=row_valid)
-        tl.store(part_l_ptr + part, l_i, mask=row_valid)
-        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=store_mask)
-        if split == 0:
-            tl.store(part_n_ptr + token * num_heads + head, tl.cdiv(kv_end, chunk),
-                     mask=row_valid)
-    else:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=store_mask)
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, start, kv_hi, q_pos, table, kv_head,
+                                     k_cache_ptr, v_cache_ptr, scale_log2, stride_kb,
+                                     stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                     dims, dim_valid, BLOCK_N, PAGE, DOT_PRECISION)
+    _store_result(out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, part_n_ptr, m_i, l_i, acc,
+                  token, head, row_valid, dims, dim_valid, split, tl.cdiv(kv_end, chunk),
+                  num_heads, num_splits, stride_ot, stride_oh, HEAD_DIM, SPLIT)
 
 
 @triton.jit

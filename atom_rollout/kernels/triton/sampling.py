@@ -158,6 +158,47 @@ def landing_chunk(mass, valid, offs, uniform):
 
 
 @triton.jit
+def _token_in_chunk(logits_ptr, ban_tok_ptr, ban_start_ptr, min_p_ptr, part_row, row, chunk,
+                    chunk_max, local_target, divisor, row_max, scale, greedy, vocab,
+                    num_chunks, stride, HAS_BANNED: tl.constexpr, HAS_MIN_P: tl.constexpr,
+                    BLOCK: tl.constexpr, CHUNKS_PAD: tl.constexpr):
+    """(index in the chunk or -1 when it holds no mass, the chunk's raw logits, their
+    indices): the token inside the landing chunk, from the same per-token masses as the
+    chunk sums."""
+    idx = tl.arange(0, BLOCK)
+    chunk_raw, masked = _load_chunk(logits_ptr, stride, row, chunk * BLOCK + idx, vocab,
+                                    ban_tok_ptr, ban_start_ptr, HAS_BANNED)
+    scaled = tl.math.div_rn(masked, divisor)
+    token_mass = tl.exp(scaled - chunk_max)
+    if HAS_MIN_P:
+        min_p = tl.where(greedy, 0.0, tl.load(min_p_ptr + row))
+        log_z = _row_log_z(part_row, num_chunks, scale, CHUNKS_PAD)
+        token_mass = tl.where(_min_p_drop(scaled, row_max, log_z, min_p), 0.0, token_mass)
+    token_cdf = tl.cumsum(token_mass.to(tl.float64), 0)
+    first = tl.sum((token_cdf <= local_target).to(tl.int32), 0)
+    # fp64 rounding can leave the target just past this chunk's last token
+    last = tl.max(tl.where(token_mass > 0, idx, -1), 0)
+    return tl.where(first < BLOCK, first, last), chunk_raw, idx
+
+
+@triton.jit
+def _raw_logprob(part_row, logit, top, chunk_maxes, offs, valid, num_chunks,
+                 HAS_BANNED: tl.constexpr):
+    """log softmax of the raw logits at ``logit`` (``top``: the masked row max, the raw
+    one too unless tokens are banned)."""
+    if HAS_BANNED:
+        raw_maxes = tl.load(part_row + _RAW_MAX * num_chunks + offs, mask=valid,
+                            other=float("-inf"))
+        top = tl.max(raw_maxes, 0)
+    else:
+        raw_maxes = chunk_maxes
+    top = tl.where(top == float("-inf"), 0.0, top)
+    raw_sums = tl.load(part_row + _RAW_SUM * num_chunks + offs, mask=valid, other=0.0)
+    raw_z = tl.sum(raw_sums * tl.exp(raw_maxes - top), 0)
+    return (logit.to(tl.float64) - top - tl.log(raw_z)).to(tl.float32)
+
+
+@triton.jit
 def _pick_kernel(token_ptr, token_f64_ptr, logprob_ptr, raw_ptr, part_ptr, arg_ptr, logits_ptr,
                  temp_ptr, min_p_ptr, uniform_ptr, ban_tok_ptr, ban_start_ptr, vocab,
                  num_chunks, stride,
@@ -183,22 +224,10 @@ def _pick_kernel(token_ptr, token_f64_ptr, logprob_ptr, raw_ptr, part_ptr, arg_p
     chunk_max = tl.where(chunk_max == float("-inf"), 0.0, chunk_max)
     local_target = tl.maximum(tl.where(chunk_scale > 0, (target - before) / chunk_scale, 0.0),
                               0.0)
-
-    # The token inside that chunk, from the same per-token masses as the chunk sums.
-    idx = tl.arange(0, BLOCK)
-    chunk_raw, masked = _load_chunk(logits_ptr, stride, row, chunk * BLOCK + idx, vocab,
-                                    ban_tok_ptr, ban_start_ptr, HAS_BANNED)
-    scaled = tl.math.div_rn(masked, divisor)
-    token_mass = tl.exp(scaled - chunk_max)
-    if HAS_MIN_P:
-        min_p = tl.where(greedy, 0.0, tl.load(min_p_ptr + row))
-        log_z = _row_log_z(part_row, num_chunks, scale, CHUNKS_PAD)
-        token_mass = tl.where(_min_p_drop(scaled, row_max, log_z, min_p), 0.0, token_mass)
-    token_cdf = tl.cumsum(token_mass.to(tl.float64), 0)
-    first = tl.sum((token_cdf <= local_target).to(tl.int32), 0)
-    # fp64 rounding can leave the target just past this chunk's last token
-    last = tl.max(tl.where(token_mass > 0, idx, -1), 0)
-    in_chunk = tl.where(first < BLOCK, first, last)
+    in_chunk, chunk_raw, idx = _token_in_chunk(
+        logits_ptr, ban_tok_ptr, ban_start_ptr, min_p_ptr, part_row, row, chunk, chunk_max,
+        local_target, divisor, row_max, scale, greedy, vocab, num_chunks, stride, HAS_BANNED,
+        HAS_MIN_P, BLOCK, CHUNKS_PAD)
 
     # The masked argmax: the first chunk reaching the row max, then its own argmax.
     chunk_maxes = tl.load(part_row + _MAX * num_chunks + offs, mask=valid, other=float("-inf"))
@@ -210,16 +239,8 @@ def _pick_kernel(token_ptr, token_f64_ptr, logprob_ptr, raw_ptr, part_ptr, arg_p
     logit = tl.where(use_argmax, top.to(tl.float32),
                      tl.sum(tl.where(idx == in_chunk, chunk_raw, 0.0), 0))
 
-    if HAS_BANNED:
-        raw_maxes = tl.load(part_row + _RAW_MAX * num_chunks + offs, mask=valid,
-                            other=float("-inf"))
-        top = tl.max(raw_maxes, 0)
-    else:
-        raw_maxes = chunk_maxes
-    top = tl.where(top == float("-inf"), 0.0, top)
-    raw_sums = tl.load(part_row + _RAW_SUM * num_chunks + offs, mask=valid, other=0.0)
-    raw_z = tl.sum(raw_sums * tl.exp(raw_maxes - top), 0)
-    raw_logprob = (logit.to(tl.float64) - top - tl.log(raw_z)).to(tl.float32)
+    raw_logprob = _raw_logprob(part_row, logit, top, chunk_maxes, offs, valid, num_chunks,
+                               HAS_BANNED)
     scaled_logit = tl.math.div_rn(logit, divisor).to(tl.float64)
     processed = (scaled_logit - row_max.to(tl.float64) - tl.log(total)).to(tl.float32)
     tl.store(token_ptr + row, token)
