@@ -35,7 +35,7 @@ class SplitKConfig:
 # one row, outputs of 4,096-6,144 columns (H100 sweep, scripts/bench_split_k.py)
 ONE_ROW_UNSPLIT = SplitKConfig(block_n=8, block_k=512, splits=1, num_warps=4)
 # Weights past this many bytes stream long enough for wider K tiles and more programs
-# to pay: tiles of 8 rows x up to 2,048 columns (K's power of two below that), about
+# to pay: tiles of 8 rows x 2,048 columns (at most K's next power of two), about
 # four programs per SM (H100: Qwen3-8B's projections in scripts/bench_gemv_8b.py, 10-24%
 # faster than cuBLAS, ~3.0 TB/s on gate_up; in the batch-1 graph, scripts/ab_latency.py:
 # 8 x 2,048 5,527 us, 8 x 1,024 5,536, 8 warps 5,565, 2 warps 5,642, 16 rows 5,755,
