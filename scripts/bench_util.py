@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 
 def json_safe(rows: list[dict]) -> list[dict]:
@@ -109,3 +112,14 @@ def best_generate_seconds(engine, prompts: list[list[int]], params, repeat: int 
         torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def traced(run: Callable[[], object]) -> list[dict]:
+    """The chrome-trace events (host and device) of run() under torch.profiler."""
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        run()
+        torch.cuda.synchronize()
+    path = os.path.join(tempfile.mkdtemp(), "trace.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        return json.load(f)["traceEvents"]

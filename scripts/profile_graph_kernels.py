@@ -15,11 +15,10 @@ import argparse
 import json
 import os
 import statistics
-import tempfile
 from collections import defaultdict
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from bench_util import traced
 
 from atom_rollout import SamplingParams
 from atom_rollout.bench import workloads
@@ -30,13 +29,7 @@ def graph_kernels(engine, prompt: list[int], tokens: int) -> list[list[dict]]:
     """The in-graph kernels of each steady-state step (one graph launch), in start order."""
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     engine.generate_batch([prompt], params)
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        engine.generate_batch([prompt], params)
-        torch.cuda.synchronize()
-    path = os.path.join(tempfile.mkdtemp(), "trace.json")
-    prof.export_chrome_trace(path)
-    with open(path) as f:
-        trace = json.load(f)["traceEvents"]
+    trace = traced(lambda: engine.generate_batch([prompt], params))
     launches = {e["args"]["correlation"] for e in trace
                 if e.get("cat") == "cuda_runtime" and "Graph" in e["name"]
                 and "correlation" in e.get("args", {})}

@@ -13,10 +13,9 @@ import argparse
 import json
 import os
 import statistics
-import tempfile
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from bench_util import traced
 
 from atom_rollout import RolloutEngine, SamplingParams
 from atom_rollout.bench.models import config_dir
@@ -59,13 +58,8 @@ def main() -> None:
     prompts = [[5 + i] * 128 for i in range(args.batch)]
     params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
     engine.generate_batch(prompts, params)
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        engine.generate_batch(prompts, params)
-        torch.cuda.synchronize()
-    path = os.path.join(tempfile.mkdtemp(), "trace.json")
-    prof.export_chrome_trace(path)
-    with open(path) as f:
-        found = steps(device_events(json.load(f)))[4:-4]  # steady state only
+    trace = traced(lambda: engine.generate_batch(prompts, params))
+    found = steps(device_events({"traceEvents": trace}))[4:-4]  # steady state only
     report = summarize(found)
     report["device"] = torch.cuda.get_device_name()
     with open(os.path.join(os.environ.get("OUT", "."), "step_timeline.json"), "w") as f:

@@ -33,4 +33,3 @@ def release_dependents(PDL: tl.constexpr):
 
 def supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
