@@ -151,7 +151,8 @@ def model_rows(model: str, max_model_len: int, variants: list[str],
                    **settings,
                    "graph_replay_us": replay_us(graphs.graphs[1, 1, None]),
                    "engine_us_per_token": engine_us_per_token(engine)}
-            print(f"{model} (max_model_len {max_model_len}) batch 1, {name:16s}: graph {row['graph_replay_us']:.0f} us, "
+            print(f"{model} (max_model_len {max_model_len}) batch 1, {name:16s}: "
+                  f"graph {row['graph_replay_us']:.0f} us, "
                   f"engine {row['engine_us_per_token']:.0f} us/token", flush=True)
             out.append(row)
     return out
