@@ -41,12 +41,14 @@ class KernelOps(Protocol):
                     q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
                     positions: torch.Tensor, cos_sin: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                    prefetch: torch.Tensor | None = None,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything between the qkv projection and attention, equal to
         ``unfused_prepare_qkv``: per-head RMSNorm of query and key (only when
         q_weight and k_weight are given), rotary, then key and value stored at
         slot_mapping (negative slots skipped). Returns the rotated (query, key);
-        backends may overwrite query and key in place."""
+        backends may overwrite query and key in place. ``prefetch``: the weight the layer
+        reads after attention (o_proj's), which a backend may start moving into cache."""
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -48,7 +48,7 @@ class TorchOps:
         return F.silu(gate) * up
 
     def prepare_qkv(self, query, key, value, q_weight, k_weight, eps, positions, cos_sin,
-                    k_cache, v_cache, slot_mapping):
+                    k_cache, v_cache, slot_mapping, prefetch=None):
         return unfused_prepare_qkv(self, query, key, value, q_weight, k_weight, eps,
                                    positions, cos_sin, k_cache, v_cache, slot_mapping)
 

@@ -87,7 +87,8 @@ class Attention(nn.Module):
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         q_weight, k_weight, eps = self._qk_norm_args()
         q, _ = ops.prepare_qkv(q, k, v, q_weight, k_weight, eps, positions, cos_sin,
-                               kv_cache[0], kv_cache[1], meta.slot_mapping)
+                               kv_cache[0], kv_cache[1], meta.slot_mapping,
+                               prefetch=self.o_proj.weight)
         out = ops.attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
         return out.reshape(-1, self.q_size)
 

@@ -124,6 +124,7 @@ class AiterOps:
                     q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
                     positions: torch.Tensor, cos_sin: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                    prefetch: torch.Tensor | None = None,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         return unfused_prepare_qkv(self, query, key, value, q_weight, k_weight, eps,
                                    positions, cos_sin, k_cache, v_cache, slot_mapping)

@@ -19,14 +19,26 @@ class TritonOps:
     def __init__(self) -> None:
         # Imported here, not at module import, so that @triton.jit runs when the
         # first TritonOps is built: TRITON_INTERPRET set by then still applies.
-        from . import attention, kv_cache, pdl, pointwise, prepare_qkv, split_k_linear
+        from . import (attention, kv_cache, l2_prefetch, pdl, pointwise, prepare_qkv,
+                       split_k_linear)
         self._pdl_supported = pdl.supported
         self._split_k = split_k_linear
         self._attention = attention
         self._kv_cache = kv_cache
         self._pointwise = pointwise
         self._prepare_qkv = prepare_qkv
+        self._l2_prefetch = l2_prefetch
         self.fused_qkv = True  # False: q/k norm, rotary and the KV write as separate kernels
+        # At few rows prepare_qkv forks a side stream that asks L2 for o_proj's weight
+        # through the attention block when it streams (over STREAMING_BYTES; Hopper or
+        # newer, l2_prefetch.py); the call that reads the weight joins it. Its first
+        # prefetch_max_bytes only (None: all). H100, Qwen3-8B batch-1 graph: 5,463 us at
+        # 16 MiB, 5,519 all 33.5 MB, 5,507 without; Qwen3-0.6B's 4 MB o_proj: 978 with,
+        # 946 without (scripts/ab_latency.py).
+        self.prefetch_next_weight = True
+        self.prefetch_max_bytes: int | None = 16 << 20
+        self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._pending_prefetches: dict[int, torch.cuda.Event] = {}
         # Rows up to which linear_add_rms_norm splits K in a Triton kernel (0: always
         # cuBLAS + rms_norm), and up to which it applies SiLU-and-mul as it reads
         # (more rows: the silu_and_mul kernel first); H100 sweep, scripts/bench_split_k.py.
@@ -72,9 +84,11 @@ class TritonOps:
                     q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
                     positions: torch.Tensor, cos_sin: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                    prefetch: torch.Tensor | None = None,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         args = (query, key, value, q_weight, k_weight, eps, positions, cos_sin, k_cache,
                 v_cache, slot_mapping)
+        self._start_prefetch(prefetch, query)
         if self.fused_qkv:
             try:
                 return self._prepare_qkv.prepare_qkv(*args, pdl=self._use_pdl(query.device))
@@ -98,9 +112,35 @@ class TritonOps:
             return F.linear(x, weight, bias)
         return self._split_k.one_row_linear(x, weight, bias, pdl=self._use_pdl(x.device))
 
+    def _start_prefetch(self, weight: torch.Tensor | None, query: torch.Tensor) -> None:
+        """Ask L2 for weight on a side stream forked here, right after qkv_proj, so that
+        nothing on the main stream waits for the prefetches to drain; the call that reads
+        weight joins it (_join_prefetch)."""
+        device = query.device
+        if weight is None or not self.prefetch_next_weight \
+                or query.shape[0] > self.split_k_max_rows or not self._use_pdl(device) \
+                or weight.numel() * weight.element_size() <= self._split_k.STREAMING_BYTES:
+            return
+        n_bytes = self._l2_prefetch.extent(weight, self.prefetch_max_bytes)
+        if not n_bytes:
+            return
+        side = self._side_streams.setdefault(device, torch.cuda.Stream(device))
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            self._l2_prefetch.prefetch(weight, n_bytes)
+            done = torch.cuda.Event()
+            done.record(side)
+        self._pending_prefetches[weight.data_ptr()] = done
+
+    def _join_prefetch(self, weight: torch.Tensor) -> None:
+        done = self._pending_prefetches.pop(weight.data_ptr(), None)
+        if done is not None:
+            torch.cuda.current_stream(weight.device).wait_event(done)
+
     def linear_add_rms_norm(self, x: torch.Tensor, weight: torch.Tensor,
                             residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                             gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        self._join_prefetch(weight)
         if x.shape[0] > self.split_k_max_rows or x.dim() != 2 \
                 or not self._few_rows_weight(weight, x) or residual.dtype != x.dtype:
             return unfused_linear_add_rms_norm(self, x, weight, residual, norm_weight, eps,
