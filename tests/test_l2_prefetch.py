@@ -14,8 +14,8 @@ if not HAS_CUDA:
 pytest.importorskip("triton")
 
 from atom_rollout.kernels.triton import TritonOps  # noqa: E402
-from atom_rollout.kernels.triton.l2_prefetch import (  # noqa: E402
-    MAX_CHUNK, SLOTS, extent, supported)
+from atom_rollout.kernels.triton.l2_prefetch import MAX_CHUNK, SLOTS, extent  # noqa: E402
+from atom_rollout.kernels.triton.pdl import supported  # noqa: E402
 
 
 def test_extent_covers_aligned_contiguous_weights():

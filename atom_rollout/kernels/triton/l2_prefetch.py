@@ -7,7 +7,8 @@ almost nothing for ~10 us. ``prefetch`` launches a small kernel whose programs i
 o_proj's weight. It runs on a side stream forked after qkv_proj, because a program
 issuing bulk prefetches returns only as they drain: inside prepare_qkv it held the whole
 attention block back (H100, Qwen3-8B graph 5,529 -> 6,788 us). A hint only: it changes
-no value.
+no value. Only o_proj's first 4 MiB pays most (TritonOps.prefetch_max_bytes): the chain
+then reads that part from L2 and the prefetch kernel, which o_proj waits for, ends sooner.
 """
 from __future__ import annotations
 
@@ -56,7 +57,3 @@ def prefetch(weight: torch.Tensor, n_bytes: int) -> None:
     """Ask L2 for weight's first n_bytes (from extent) on the current stream."""
     if n_bytes > 0:
         _prefetch_kernel[(PROGRAMS,)](weight, n_bytes, SLOTS=SLOTS, num_warps=1)
-
-
-def supported(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9

@@ -29,14 +29,14 @@ class TritonOps:
         self._prepare_qkv = prepare_qkv
         self._l2_prefetch = l2_prefetch
         self.fused_qkv = True  # False: q/k norm, rotary and the KV write as separate kernels
-        # At few rows prepare_qkv forks a side stream that asks L2 for o_proj's weight
-        # through the attention block when it streams (over STREAMING_BYTES; Hopper or
-        # newer, l2_prefetch.py); the call that reads the weight joins it. Its first
-        # prefetch_max_bytes only (None: all). H100, Qwen3-8B batch-1 graph: 5,463 us at
-        # 16 MiB, 5,519 all 33.5 MB, 5,507 without; Qwen3-0.6B's 4 MB o_proj: 978 with,
-        # 946 without (scripts/ab_latency.py).
+        # At few rows prepare_qkv forks a side stream that asks L2 for the first
+        # prefetch_max_bytes (None: all) of o_proj's weight through the attention block
+        # when that weight streams (over STREAMING_BYTES; Hopper or newer, l2_prefetch.py);
+        # o_proj's call joins it. H100, Qwen3-8B batch-1 graph (scripts/ab_latency.py):
+        # 5,405-5,409 us at 4 MiB, 5,430 at 2, 5,413 at 6, 5,426 at 8, 5,463 at 16, 5,519
+        # all 33.5 MB, 5,507-5,511 without; Qwen3-0.6B's 4 MB o_proj: 978 with, 946 without.
         self.prefetch_next_weight = True
-        self.prefetch_max_bytes: int | None = 16 << 20
+        self.prefetch_max_bytes: int | None = 4 << 20
         self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
         self._pending_prefetches: dict[int, torch.cuda.Event] = {}
         # Rows up to which linear_add_rms_norm splits K in a Triton kernel (0: always
@@ -53,7 +53,7 @@ class TritonOps:
         self.pdl = True
         self.max_attention_splits = attention.MAX_SPLITS
         self._multiprocessors: dict[torch.device, int] = {}
-        self._pdl_devices: dict[torch.device, bool] = {}
+        self._hopper_devices: dict[torch.device, bool] = {}
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -118,9 +118,10 @@ class TritonOps:
         weight joins it (_join_prefetch)."""
         device = query.device
         if weight is None or not self.prefetch_next_weight \
-                or query.shape[0] > self.split_k_max_rows or not self._use_pdl(device) \
+                or query.shape[0] > self.split_k_max_rows or not self._hopper(device) \
                 or weight.numel() * weight.element_size() <= self._split_k.STREAMING_BYTES:
             return
+        self._join_prefetch(weight)  # one pending per weight, whatever came in between
         n_bytes = self._l2_prefetch.extent(weight, self.prefetch_max_bytes)
         if not n_bytes:
             return
@@ -161,11 +162,13 @@ class TritonOps:
             and (limit is None or weight.numel() * weight.element_size() <= limit)
 
     def _use_pdl(self, device: torch.device) -> bool:
-        if not self.pdl:
-            return False
-        if device not in self._pdl_devices:
-            self._pdl_devices[device] = self._pdl_supported(device)
-        return self._pdl_devices[device]
+        return self.pdl and self._hopper(device)
+
+    def _hopper(self, device: torch.device) -> bool:
+        """A GPU with PDL and bulk L2 prefetch (Hopper or newer)."""
+        if device not in self._hopper_devices:
+            self._hopper_devices[device] = self._pdl_supported(device)
+        return self._hopper_devices[device]
 
     def _multiprocessor_count(self, device: torch.device) -> int:
         if device not in self._multiprocessors:
