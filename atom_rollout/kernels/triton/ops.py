@@ -29,12 +29,13 @@ class TritonOps:
         self._prepare_qkv = prepare_qkv
         self._l2_prefetch = l2_prefetch
         self.fused_qkv = True  # False: q/k norm, rotary and the KV write as separate kernels
-        # At few rows prepare_qkv forks a side stream that asks L2 for the first
-        # prefetch_max_bytes (None: all) of o_proj's weight through the attention block
-        # when that weight streams (over STREAMING_BYTES; Hopper or newer, l2_prefetch.py);
-        # o_proj's call joins it. H100, Qwen3-8B batch-1 graph (scripts/ab_latency.py):
-        # 5,405-5,409 us at 4 MiB, 5,430 at 2, 5,413 at 6, 5,426 at 8, 5,463 at 16, 5,519
-        # all 33.5 MB, 5,507-5,511 without; Qwen3-0.6B's 4 MB o_proj: 978 with, 946 without.
+        # At one row (the measured case) prepare_qkv forks a side stream that asks L2 for
+        # the first prefetch_max_bytes (None: all) of o_proj's weight through the attention
+        # block when that weight streams (over STREAMING_BYTES; Hopper or newer,
+        # l2_prefetch.py); o_proj's call joins it. H100, Qwen3-8B batch-1 graph
+        # (scripts/ab_latency.py): 5,405-5,409 us at 4 MiB, 5,430 at 2, 5,413 at 6, 5,426
+        # at 8, 5,463 at 16, 5,519 all 33.5 MB, 5,507-5,511 without; Qwen3-0.6B's 4 MB
+        # o_proj: 978 with, 946 without.
         self.prefetch_next_weight = True
         self.prefetch_max_bytes: int | None = 4 << 20
         self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
@@ -118,7 +119,7 @@ class TritonOps:
         weight joins it (_join_prefetch)."""
         device = query.device
         if weight is None or not self.prefetch_next_weight \
-                or query.shape[0] > self.split_k_max_rows or not self._hopper(device) \
+                or query.shape[0] != 1 or not self._hopper(device) \
                 or weight.numel() * weight.element_size() <= self._split_k.STREAMING_BYTES:
             return
         self._join_prefetch(weight)  # one pending per weight, whatever came in between
