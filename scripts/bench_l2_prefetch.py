@@ -5,7 +5,10 @@ The idea: a batch-1 GEMV pays DRAM latency and ramp-up before it streams its wei
 (H100: 4 MB in 5.5 us where 4 MB / 3 TB/s is 1.4 us); a prefetch one matrix ahead could
 overlap that with the current kernel. Measured on an H100 (docs/results/l2_prefetch_h100.json):
 every variant was slower (batch 1: 839 -> 942 us per 28-layer step with per-line
-prefetch, 1,238 us with Hopper's bulk prefetch), so the engine does not prefetch.
+prefetch, 1,238 us with Hopper's bulk prefetch), so the engine does not prefetch one
+matrix ahead. What it does instead (kernels/triton/l2_prefetch.py, README "(c), Qwen3-8B:
+o_proj's weight into L2"): at batch 1 only o_proj's first 4 MiB, through the attention
+block, where DRAM is idle; this script's kernels stay as they were measured.
 
   python scripts/bench_l2_prefetch.py            # writes $OUT/l2_prefetch.json if set
 """
