@@ -10,7 +10,8 @@ Before waiting a kernel may read what no PDL kernel writes (weights, the step's 
 written before the chain's first kernel started), so those loads overlap the kernel
 before. Asking L2 for the lines it reads after the wait (prefetch.global.L2 per 128-byte
 line, weights past a projection's first tile, a decode tile's K/V) made Qwen3-0.6B's
-batch-1 graph slower (961 -> 982 us, H100, scripts/ab_latency.py), so none do.
+batch-1 graph slower (961 -> 982 us, H100, scripts/ab_latency.py), so none do (the one
+prefetch that pays, of o_proj's weight from a side stream, is l2_prefetch.py's).
 """
 from __future__ import annotations
 
