@@ -126,7 +126,9 @@ class TritonOps:
         n_bytes = self._l2_prefetch.extent(weight, self.prefetch_max_bytes)
         if not n_bytes:
             return
-        side = self._side_streams.setdefault(device, torch.cuda.Stream(device))
+        if device not in self._side_streams:  # one per device, made once
+            self._side_streams[device] = torch.cuda.Stream(device)
+        side = self._side_streams[device]
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             self._l2_prefetch.prefetch(weight, n_bytes)
